@@ -1,0 +1,203 @@
+"""Expert FFN math on a host's device and dtype: many experts, many rows, one call.
+
+A request packs the rows of many experts into one tensor `rows: [R, hidden]`; `RowSpan`s say
+which rows belong to which (layer, expert). `ExpertBank.compute` validates every span first,
+then runs each expert once over all of its rows and returns `[R, hidden]`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .model import SUPPORTED_ACTIVATIONS, describe_experts
+from .weights import FFNWeights, WeightSource
+
+
+@dataclass(frozen=True)
+class RowSpan:
+    """Rows [start, start + count) of a packed tensor go through expert `expert` of layer `layer`."""
+
+    layer: int
+    expert: int
+    start: int
+    count: int
+
+
+class UnknownExpert(KeyError):
+    """A span names an expert that this bank does not hold."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+# transformers ACT2FN name -> the torch function it computes.
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),  # same formula as transformers' NewGELU
+    "relu": F.relu,
+}
+assert set(_ACTIVATIONS) == set(SUPPORTED_ACTIVATIONS)
+
+
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The torch function for a transformers activation name; ValueError listing the supported."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"activation {name!r} is not supported; supported: {', '.join(_ACTIVATIONS)}"
+        ) from None
+
+
+def ffn(x: torch.Tensor, w: FFNWeights, activation: str) -> torch.Tensor:
+    """x: [rows, hidden] -> [rows, hidden]: down(act(x @ gate.T) * (x @ up.T)).
+
+    x and the weights (gate/up [I, H], down [H, I]) share one device and dtype.
+    """
+    act = activation_fn(activation)
+    return F.linear(act(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+
+
+@dataclass(frozen=True)
+class _Expert:
+    gate_up: torch.Tensor  # [2I, H]: gate rows, then up rows
+    down: torch.Tensor  # [H, I]
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [rows, H] -> [rows, H]"""
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # [rows, I] each
+        return F.linear(self.act(gate) * up, self.down)
+
+
+class ExpertBank:
+    """The experts one host holds, on one device and dtype.
+
+    Each expert is stored as gate_up: [2I, H] (gate and up fused into one matmul) and down: [H, I].
+    """
+
+    def __init__(
+        self,
+        weights: dict[tuple[int, int], FFNWeights],
+        activation: str | dict[int, str],
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        """weights: (layer, expert) -> FFNWeights; activation: one name, or one per layer held."""
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._experts: dict[tuple[int, int], _Expert] = {}
+        hidden_sizes = set()
+        with torch.no_grad():
+            for (layer, expert), w in sorted(weights.items()):
+                name = activation if isinstance(activation, str) else activation.get(layer)
+                if name is None:
+                    raise ValueError(
+                        f"no activation given for layer {layer}; activation covers layers {sorted(activation)}"
+                    )
+                inner, hidden = w.gate.shape
+                if tuple(w.up.shape) != (inner, hidden) or tuple(w.down.shape) != (hidden, inner):
+                    raise ValueError(
+                        f"layer {layer} expert {expert}: gate {list(w.gate.shape)}, up {list(w.up.shape)}, "
+                        f"down {list(w.down.shape)} are not [I, H], [I, H], [H, I]"
+                    )
+                hidden_sizes.add(hidden)
+                gate_up = torch.cat([w.gate.to(self.device, dtype), w.up.to(self.device, dtype)], dim=0)
+                self._experts[(layer, expert)] = _Expert(
+                    gate_up=gate_up.contiguous(),
+                    down=w.down.to(self.device, dtype).contiguous(),
+                    act=activation_fn(name),
+                )
+        if len(hidden_sizes) > 1:
+            raise ValueError(f"one bank holds one hidden size; got {sorted(hidden_sizes)}")
+        self.hidden_size: int | None = hidden_sizes.pop() if hidden_sizes else None
+
+    @classmethod
+    def from_source(
+        cls,
+        source: WeightSource,
+        experts: Iterable[tuple[int, int]],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> ExpertBank:
+        """Load only `experts` ((layer, expert) pairs) from `source`, one at a time."""
+        wanted = sorted(set(experts))
+        weights = {}
+        for layer, expert in wanted:
+            # Move each expert to the device as it is read, so host memory holds one at a time.
+            weights[(layer, expert)] = source.expert(layer, expert).to(device=device, dtype=dtype)
+        activations = {layer: source.spec.layer(layer).activation for layer, _ in wanted}
+        return cls(weights, activations, device, dtype)
+
+    @property
+    def experts(self) -> list[tuple[int, int]]:
+        """The (layer, expert) pairs held, sorted."""
+        return sorted(self._experts)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of expert weights held on the device."""
+        return sum(t.numel() * t.element_size() for e in self._experts.values() for t in (e.gate_up, e.down))
+
+    def holds(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self._experts
+
+    def validate(self, spans: Sequence[RowSpan], rows: torch.Tensor) -> None:
+        """Raise before any compute: ValueError for a bad tensor or span, UnknownExpert for an expert not held."""
+        if rows.dim() != 2 or not rows.is_floating_point():
+            raise ValueError(
+                f"rows must be a 2-D float tensor [rows, hidden]; got {rows.dtype} {list(rows.shape)}"
+            )
+        if self.hidden_size is not None and rows.shape[1] != self.hidden_size:
+            raise ValueError(
+                f"rows have hidden size {rows.shape[1]}; the experts here take {self.hidden_size}"
+            )
+        total = rows.shape[0]
+        for i, span in enumerate(spans):
+            if span.count < 1 or span.start < 0 or span.start + span.count > total:
+                raise ValueError(
+                    f"span {i} ({span}) must cover 1 or more rows within [0, {total}); "
+                    f"it covers [{span.start}, {span.start + span.count})"
+                )
+            if (span.layer, span.expert) not in self._experts:
+                raise UnknownExpert(
+                    f"layer {span.layer} expert {span.expert} is not held by this host; "
+                    f"it holds {describe_experts(list(self._experts))}"
+                )
+        ordered = sorted(spans, key=lambda s: s.start)
+        for a, b in zip(ordered, ordered[1:], strict=False):
+            if b.start < a.start + a.count:
+                raise ValueError(f"spans overlap: {a} and {b}; each row goes through exactly one expert")
+
+    def compute(self, spans: Sequence[RowSpan], rows: torch.Tensor) -> torch.Tensor:
+        """rows: [R, hidden] in any float dtype -> [R, hidden] in rows.dtype; uncovered rows are zero.
+
+        Runs under no_grad rather than inference_mode: the result is an ordinary tensor, so callers
+        outside inference mode may still update it in place (e.g. scale by routing weights).
+        """
+        self.validate(spans, rows)
+        with torch.no_grad():
+            x = rows.to(device=self.device, dtype=self.dtype)  # [R, H]
+            out = torch.zeros_like(x)
+            # Concurrent requests may bring several spans for one expert: one matmul per expert.
+            by_expert: dict[tuple[int, int], list[RowSpan]] = {}
+            for span in spans:
+                by_expert.setdefault((span.layer, span.expert), []).append(span)
+            for key, group in by_expert.items():
+                expert = self._experts[key]
+                if len(group) == 1:
+                    s = group[0]
+                    out[s.start : s.start + s.count] = expert(x[s.start : s.start + s.count])
+                    continue
+                y = expert(torch.cat([x[s.start : s.start + s.count] for s in group]))  # [sum(count), H]
+                for s, part in zip(group, y.split([s.count for s in group]), strict=True):
+                    out[s.start : s.start + s.count] = part
+            return out.to(device=rows.device, dtype=rows.dtype)

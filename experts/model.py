@@ -1,0 +1,307 @@
+"""What a model's MoE layers look like: sizes, activation, routing family, shared experts.
+
+A `ModelSpec` is parsed once from a transformers-style `config.json` (or built by a preset) and
+passed everywhere else; nothing below re-reads the config.
+
+Parsing follows the transformers implementation of each family (configuration defaults, which
+decoder layers are sparse, how the gate scores and normalises), without importing transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint's architecture is not one moemesh can serve; the message names the supported ones."""
+
+
+@dataclass(frozen=True)
+class RoutingParams:
+    """Trained routing hyper-parameters as the checkpoint states them."""
+
+    score_function: str  # "softmax" | "sigmoid"
+    top_k: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    has_correction_bias: bool = False
+
+
+@dataclass(frozen=True)
+class MoELayerSpec:
+    """One sparse MoE block."""
+
+    layer: int  # decoder layer index
+    hidden_size: int
+    intermediate_size: int  # inner size of one routed expert
+    num_experts: int
+    activation: str  # transformers ACT2FN name, e.g. "silu"
+    shared_intermediate_size: int = 0  # 0 = no shared expert
+    shared_gated: bool = False  # Qwen2-MoE: sigmoid(x @ shared_expert_gate) scales the shared expert
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """All sparse layers of a model."""
+
+    name: str
+    family: str  # "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "deepseek_v3"
+    layers: tuple[MoELayerSpec, ...]
+    routing: RoutingParams
+
+    def layer(self, index: int) -> MoELayerSpec:
+        """The sparse block of decoder layer `index`; KeyError if that layer is dense or absent."""
+        for spec in self.layers:
+            if spec.layer == index:
+                return spec
+        raise KeyError(
+            f"layer {index} of model {self.name!r} is not a MoE layer; "
+            f"MoE layers are {list(self.layer_indices)}"
+        )
+
+    @property
+    def layer_indices(self) -> tuple[int, ...]:
+        """Decoder layer indices of the sparse blocks, ascending."""
+        return tuple(spec.layer for spec in self.layers)
+
+
+SUPPORTED_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+
+# transformers ACT2FN names that the expert FFN implements (experts/ffn.py maps them to torch).
+SUPPORTED_ACTIVATIONS: tuple[str, ...] = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+
+# Defaults of the transformers configuration classes (transformers 5.x), for keys a config.json
+# may leave out. Only the keys moemesh reads are listed.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mixtral": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "hidden_act": "silu",
+        "num_experts_per_tok": 2,
+        "num_local_experts": 8,
+    },
+    "qwen2_moe": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 24,
+        "hidden_act": "silu",
+        "decoder_sparse_step": 1,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "num_experts_per_tok": 4,
+        "num_experts": 60,
+        "norm_topk_prob": False,
+        "mlp_only_layers": None,
+    },
+    "qwen3_moe": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 24,
+        "hidden_act": "silu",
+        "decoder_sparse_step": 1,
+        "moe_intermediate_size": 768,
+        "num_experts_per_tok": 8,
+        "num_experts": 128,
+        "norm_topk_prob": False,
+        "mlp_only_layers": None,
+    },
+    "olmoe": {
+        "hidden_size": 2048,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 16,
+        "hidden_act": "silu",
+        "num_experts_per_tok": 8,
+        "num_experts": 64,
+        "norm_topk_prob": False,
+    },
+    "deepseek_v3": {
+        "hidden_size": 7168,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "hidden_act": "silu",
+        "n_shared_experts": 1,
+        "n_routed_experts": 256,
+        "routed_scaling_factor": 2.5,
+        "n_group": 8,
+        "topk_group": 4,
+        "num_experts_per_tok": 8,
+        "first_k_dense_replace": 3,
+        "norm_topk_prob": True,
+        "moe_layer_freq": 1,  # original DeepSeek config key; transformers treats every layer as 1
+    },
+}
+
+# transformers `attribute_map` aliases: a config.json may carry either spelling.
+_NUM_EXPERTS_KEYS: dict[str, tuple[str, ...]] = {
+    "mixtral": ("num_local_experts", "num_experts"),
+    "qwen2_moe": ("num_experts", "num_local_experts"),
+    "qwen3_moe": ("num_experts", "num_local_experts"),
+    "olmoe": ("num_experts", "num_local_experts"),
+    "deepseek_v3": ("n_routed_experts", "num_local_experts"),
+}
+
+
+class _Config:
+    """A config dict with the family defaults behind it; `get` never returns a missing key silently."""
+
+    def __init__(self, config: Mapping[str, Any], family: str, name: str):
+        self._config = config
+        self._defaults = _DEFAULTS[family]
+        self.family = family
+        self.name = name
+
+    def get(self, *keys: str) -> Any:
+        """The first of `keys` present in the config, else the family default of the first key."""
+        for key in keys:
+            if key in self._config:
+                return self._config[key]
+        return self._defaults[keys[0]]
+
+    def positive_int(self, *keys: str) -> int:
+        value = self.get(*keys)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{self.name}: config key {keys[0]!r} must be a positive integer, got {value!r}")
+        return value
+
+    def non_negative_int(self, *keys: str) -> int:
+        value = self.get(*keys)
+        if value is None:
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{self.name}: config key {keys[0]!r} must be an integer >= 0, got {value!r}")
+        return value
+
+
+def _sparse_layers(cfg: _Config, num_layers: int) -> list[int]:
+    """Decoder layer indices whose MLP is a MoE block, by the rule of each family's decoder layer."""
+    family = cfg.family
+    if family in ("mixtral", "olmoe"):
+        return list(range(num_layers))
+    if family in ("qwen2_moe", "qwen3_moe"):
+        # Qwen2MoeDecoderLayer: idx not in mlp_only_layers and (idx + 1) % decoder_sparse_step == 0
+        mlp_only = set(cfg.get("mlp_only_layers") or ())
+        step = cfg.positive_int("decoder_sparse_step")
+        return [i for i in range(num_layers) if i not in mlp_only and (i + 1) % step == 0]
+    if family == "deepseek_v3":
+        # DeepseekV3DecoderLayer: idx >= first_k_dense_replace; the original DeepSeek code also
+        # requires idx % moe_layer_freq == 0.
+        first_dense = cfg.non_negative_int("first_k_dense_replace")
+        freq = cfg.positive_int("moe_layer_freq")
+        return [i for i in range(num_layers) if i >= first_dense and i % freq == 0]
+    raise AssertionError(family)
+
+
+def _routing(cfg: _Config, num_experts: int) -> RoutingParams:
+    family = cfg.family
+    top_k = cfg.positive_int("num_experts_per_tok")
+    if top_k > num_experts:
+        raise ValueError(f"{cfg.name}: num_experts_per_tok={top_k} exceeds the {num_experts} routed experts")
+    if family == "mixtral":
+        # MixtralTopKRouter always renormalises the top-k probabilities.
+        return RoutingParams(score_function="softmax", top_k=top_k, norm_topk_prob=True)
+    if family in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        return RoutingParams(
+            score_function="softmax", top_k=top_k, norm_topk_prob=bool(cfg.get("norm_topk_prob"))
+        )
+    # deepseek_v3: sigmoid scores, selection bias, group-limited top-k, scaled weights.
+    n_group = cfg.non_negative_int("n_group") or 1
+    topk_group = cfg.non_negative_int("topk_group") or 1
+    if num_experts % n_group:
+        raise ValueError(
+            f"{cfg.name}: {num_experts} routed experts do not split into n_group={n_group} groups"
+        )
+    if topk_group > n_group:
+        raise ValueError(f"{cfg.name}: topk_group={topk_group} exceeds n_group={n_group}")
+    if top_k > topk_group * (num_experts // n_group):
+        raise ValueError(
+            f"{cfg.name}: num_experts_per_tok={top_k} exceeds the {topk_group * (num_experts // n_group)} "
+            f"experts in topk_group={topk_group} groups of {num_experts // n_group}"
+        )
+    scaling = cfg.get("routed_scaling_factor")
+    return RoutingParams(
+        score_function="sigmoid",
+        top_k=top_k,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob")),
+        routed_scaling_factor=float(scaling if scaling is not None else 1.0),
+        n_group=n_group,
+        topk_group=topk_group,
+        has_correction_bias=True,
+    )
+
+
+def _shared(cfg: _Config) -> tuple[int, bool]:
+    """(shared expert inner size, gated) for one sparse block of the family."""
+    if cfg.family == "qwen2_moe":
+        size = cfg.non_negative_int("shared_expert_intermediate_size")
+        return size, size > 0
+    if cfg.family == "deepseek_v3":
+        # DeepseekV3MoE fuses all shared experts into one MLP of n_shared_experts * moe_intermediate_size.
+        return cfg.non_negative_int("n_shared_experts") * cfg.positive_int("moe_intermediate_size"), False
+    return 0, False
+
+
+def spec_from_config(config: Mapping[str, Any], name: str) -> ModelSpec:
+    """Parse a transformers `config.json` dict. Raises UnsupportedModel for other architectures.
+
+    Missing keys take the defaults of the transformers configuration class of the family; values
+    that transformers would also reject (top-k larger than the experts, groups that do not divide
+    the experts) raise ValueError naming the key.
+    """
+    family = config.get("model_type")
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModel(
+            f"{name}: model_type {family!r} is not supported; supported model types: "
+            f"{', '.join(SUPPORTED_FAMILIES)}"
+        )
+    cfg = _Config(config, family, name)
+    activation = cfg.get("hidden_act")
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise UnsupportedModel(
+            f"{name}: hidden_act {activation!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+        )
+    hidden = cfg.positive_int("hidden_size")
+    num_experts = cfg.positive_int(*_NUM_EXPERTS_KEYS[family])
+    inner_key = "intermediate_size" if family in ("mixtral", "olmoe") else "moe_intermediate_size"
+    inner = cfg.positive_int(inner_key)
+    shared_size, shared_gated = _shared(cfg)
+    indices = _sparse_layers(cfg, cfg.positive_int("num_hidden_layers"))
+    if not indices:
+        raise UnsupportedModel(f"{name}: the {family} config declares no sparse MoE layers; nothing to serve")
+    layers = tuple(
+        MoELayerSpec(
+            layer=i,
+            hidden_size=hidden,
+            intermediate_size=inner,
+            num_experts=num_experts,
+            activation=activation,
+            shared_intermediate_size=shared_size,
+            shared_gated=shared_gated,
+        )
+        for i in indices
+    )
+    return ModelSpec(name=name, family=family, layers=layers, routing=_routing(cfg, num_experts))
+
+
+def describe_experts(pairs: Sequence[tuple[int, int]]) -> str:
+    """Compact text for a set of (layer, expert): "layer 0: experts 0-3, 6; layer 1: experts 2"."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, expert in sorted(set(pairs)):
+        by_layer.setdefault(layer, []).append(expert)
+    if not by_layer:
+        return "no experts"
+    parts = []
+    for layer, experts in by_layer.items():
+        runs: list[str] = []
+        start = prev = experts[0]
+        for e in [*experts[1:], None]:
+            if e is not None and e == prev + 1:
+                prev = e
+                continue
+            runs.append(str(start) if start == prev else f"{start}-{prev}")
+            if e is not None:
+                start = prev = e
+        parts.append(f"layer {layer}: experts {', '.join(runs)}")
+    return "; ".join(parts)

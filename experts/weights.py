@@ -1,0 +1,482 @@
+"""Where expert and gate weights come from: seeded presets or a safetensors checkpoint directory.
+
+An expert host asks only for its own experts, the router only for gates and shared experts, so
+neither ever materialises the whole model.
+
+- Presets ("tiny-mixtral", ...) are transformers-style config dicts (`preset_config`) parsed by
+  the same `spec_from_config` as real checkpoints, with seeded random weights: every tensor has
+  its own generator, seeded from a stable hash of (preset, tensor name), so a host that generates
+  only its experts gets bit-identical values to one that generates the whole model.
+- Checkpoints are directories with `config.json` and `*.safetensors` (one file, or shards listed
+  in `model.safetensors.index.json`) in the layout `save_pretrained` writes: one tensor per
+  expert projection. The fused layout (`experts.gate_up_proj: [E, 2I, H]`,
+  `experts.down_proj: [E, H, I]`) is read too, slicing out one expert without reading the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+
+from .model import ModelSpec, spec_from_config
+
+
+@dataclass(frozen=True)
+class FFNWeights:
+    """One SwiGLU FFN: out = down(act(gate(x)) * up(x)).
+
+    gate: [intermediate, hidden]; up: [intermediate, hidden]; down: [hidden, intermediate]
+    """
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FFNWeights:
+        """The same weights on `device` / in `dtype` (no copy where nothing changes)."""
+        return FFNWeights(*(t.to(device=device, dtype=dtype) for t in (self.gate, self.up, self.down)))
+
+
+@dataclass(frozen=True)
+class GateWeights:
+    """What the router needs for one layer.
+
+    weight: [experts, hidden]; correction_bias: [experts] (DeepSeek-V3) or None;
+    shared: the shared expert FFN (DeepSeek: all shared experts fused, as transformers does) or None;
+    shared_gate: [1, hidden] (Qwen2-MoE) or None
+    """
+
+    weight: torch.Tensor
+    correction_bias: torch.Tensor | None = None
+    shared: FFNWeights | None = None
+    shared_gate: torch.Tensor | None = None
+
+
+class WeightSource(Protocol):
+    """Reads weights on demand, float32 on CPU unless the source stores another dtype.
+
+    The sources here (`PresetSource`, `CheckpointSource`) also take an optional keyword
+    `dtype=` on both methods to convert on read.
+    """
+
+    spec: ModelSpec
+
+    def expert(self, layer: int, expert: int) -> FFNWeights: ...
+
+    def gate(self, layer: int) -> GateWeights: ...
+
+
+class MissingTensor(LookupError):
+    """A checkpoint lacks a tensor the model's config says it must have; the message names both."""
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor names (transformers on-disk layout)
+# --------------------------------------------------------------------------------------------
+
+# Module prefixes of a sparse block. Mixtral checkpoints use `block_sparse_moe`; transformers 5
+# names the same module `mlp` in memory, so a fused checkpoint saved from memory may use either.
+_BLOCK_PREFIXES: dict[str, tuple[str, ...]] = {
+    "mixtral": ("model.layers.{layer}.block_sparse_moe", "model.layers.{layer}.mlp"),
+    "qwen2_moe": ("model.layers.{layer}.mlp",),
+    "qwen3_moe": ("model.layers.{layer}.mlp",),
+    "olmoe": ("model.layers.{layer}.mlp",),
+    "deepseek_v3": ("model.layers.{layer}.mlp",),
+}
+
+# Per-expert projection names (gate, up, down) under `{block}.experts.{expert}`.
+_EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
+_MIXTRAL_EXPERT_PROJ = ("w1", "w3", "w2")
+
+
+def _expert_names(family: str, layer: int, expert: int) -> list[tuple[str, str, str]]:
+    """Candidate (gate, up, down) names of one expert, preferred layout first."""
+    out = []
+    for prefix in _BLOCK_PREFIXES[family]:
+        block = prefix.format(layer=layer)
+        projs = _MIXTRAL_EXPERT_PROJ if block.endswith("block_sparse_moe") else _EXPERT_PROJ
+        out.append(tuple(f"{block}.experts.{expert}.{p}.weight" for p in projs))
+    return out
+
+
+def _fused_names(family: str, layer: int) -> list[tuple[str, str]]:
+    """Candidate (gate_up_proj [E, 2I, H], down_proj [E, H, I]) names of one layer's experts."""
+    return [
+        (
+            f"{prefix.format(layer=layer)}.experts.gate_up_proj",
+            f"{prefix.format(layer=layer)}.experts.down_proj",
+        )
+        for prefix in _BLOCK_PREFIXES[family]
+    ]
+
+
+def _gate_names(family: str, layer: int) -> dict[str, str]:
+    """Names of the router-side tensors of one layer (only those the family has)."""
+    block = _BLOCK_PREFIXES[family][0].format(layer=layer)
+    names = {"weight": f"{block}.gate.weight"}
+    if family == "deepseek_v3":
+        names["correction_bias"] = f"{block}.gate.e_score_correction_bias"
+        for p, proj in zip(("shared.gate", "shared.up", "shared.down"), _EXPERT_PROJ, strict=True):
+            names[p] = f"{block}.shared_experts.{proj}.weight"
+    if family == "qwen2_moe":
+        for p, proj in zip(("shared.gate", "shared.up", "shared.down"), _EXPERT_PROJ, strict=True):
+            names[p] = f"{block}.shared_expert.{proj}.weight"
+        names["shared_gate"] = f"{block}.shared_expert_gate.weight"
+    return names
+
+
+def _check_shape(name: str, tensor: torch.Tensor | tuple[int, ...], expected: tuple[int, ...], where: str):
+    shape = tuple(tensor.shape if isinstance(tensor, torch.Tensor) else tensor)
+    if shape != expected:
+        raise ValueError(
+            f"{where}: tensor {name!r} has shape {list(shape)}, the config implies {list(expected)}"
+        )
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
+
+
+def _check_expert(spec: ModelSpec, layer: int, expert: int) -> None:
+    num = spec.layer(layer).num_experts
+    if not 0 <= expert < num:
+        raise KeyError(f"model {spec.name!r} layer {layer} has experts 0..{num - 1}, not {expert}")
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+PRESETS: tuple[str, ...] = ("tiny-mixtral", "medium-mixtral", "tiny-deepseek-v3", "tiny-qwen2-moe")
+
+# transformers-style config.json dicts; complete enough to build the matching transformers model
+# (e.g. `MixtralConfig(**preset_config("tiny-mixtral"))`).
+_PRESET_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny-mixtral": {
+        "model_type": "mixtral",
+        "architectures": ["MixtralForCausalLM"],
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+    "medium-mixtral": {
+        "model_type": "mixtral",
+        "architectures": ["MixtralForCausalLM"],
+        "vocab_size": 1024,
+        "hidden_size": 512,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "hidden_act": "silu",
+        "num_local_experts": 16,
+        "num_experts_per_tok": 2,
+    },
+    "tiny-deepseek-v3": {
+        "model_type": "deepseek_v3",
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 128,  # dense MLP of layer 0
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": None,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "hidden_act": "silu",
+        "n_routed_experts": 16,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+    },
+    "tiny-qwen2-moe": {
+        "model_type": "qwen2_moe",
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 128,  # dense MLP of mlp_only_layers (none here)
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+}
+
+# Half-width of the uniform init of the DeepSeek selection bias: large enough to change choices.
+_PRESET_BIAS_SCALE = 0.1
+_SEED_SALT = "moemesh-preset-v1"
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    """The transformers-style config dict of preset `name` (a fresh copy)."""
+    if name not in _PRESET_CONFIGS:
+        raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(_PRESET_CONFIGS[name])
+
+
+def _seed(preset: str, tensor: str) -> int:
+    """A stable 63-bit seed for one tensor of one preset (same on every host and Python run)."""
+    digest = hashlib.sha256(f"{_SEED_SALT}/{preset}/{tensor}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _seeded_uniform(preset: str, tensor: str, shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """float32 on CPU, uniform with standard deviation `std`, from its own generator.
+
+    Uniform rather than normal: CPU `uniform_` is integer-based and gives the same bits on every
+    CPU, while the vectorised `normal_` paths may differ in the last bit between instruction sets.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(_seed(preset, tensor))
+    half_width = std * math.sqrt(3.0)
+    return (torch.rand(shape, generator=gen, dtype=torch.float32) * 2.0 - 1.0) * half_width
+
+
+class PresetSource:
+    """Seeded random weights for a named preset; any subset of tensors, same values everywhere.
+
+    Weights are scaled like nn.Linear's default (std 1/sqrt(fan_in)), so an FFN maps rows of
+    O(1) to rows of O(1).
+    """
+
+    def __init__(self, name: str):
+        self.spec: ModelSpec = spec_from_config(preset_config(name), name)
+
+    def _tensor(
+        self, name: str, shape: tuple[int, ...], std: float, dtype: torch.dtype | None
+    ) -> torch.Tensor:
+        return _cast(_seeded_uniform(self.spec.name, name, shape, std), dtype)
+
+    def _ffn(
+        self, names: tuple[str, str, str], hidden: int, inner: int, dtype: torch.dtype | None
+    ) -> FFNWeights:
+        gate, up, down = names
+        return FFNWeights(
+            gate=self._tensor(gate, (inner, hidden), 1 / math.sqrt(hidden), dtype),
+            up=self._tensor(up, (inner, hidden), 1 / math.sqrt(hidden), dtype),
+            down=self._tensor(down, (hidden, inner), 1 / math.sqrt(inner), dtype),
+        )
+
+    def expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> FFNWeights:
+        """Expert `expert` of layer `layer`: gate/up [I, H], down [H, I]; float32 unless `dtype`."""
+        spec = self.spec.layer(layer)
+        _check_expert(self.spec, layer, expert)
+        names = _expert_names(self.spec.family, layer, expert)[0]
+        return self._ffn(names, spec.hidden_size, spec.intermediate_size, dtype)
+
+    def gate(self, layer: int, dtype: torch.dtype | None = None) -> GateWeights:
+        """Router weight [E, H], plus the family's selection bias [E] / shared expert / shared gate [1, H]."""
+        spec = self.spec.layer(layer)
+        names = _gate_names(self.spec.family, layer)
+        hidden = spec.hidden_size
+        weight = self._tensor(names["weight"], (spec.num_experts, hidden), 1 / math.sqrt(hidden), dtype)
+        bias = shared = shared_gate = None
+        if self.spec.routing.has_correction_bias:
+            bias = self._tensor(
+                names["correction_bias"], (spec.num_experts,), _PRESET_BIAS_SCALE / math.sqrt(3), dtype
+            )
+        if spec.shared_intermediate_size:
+            shared_names = (names["shared.gate"], names["shared.up"], names["shared.down"])
+            shared = self._ffn(shared_names, hidden, spec.shared_intermediate_size, dtype)
+        if spec.shared_gated:
+            shared_gate = self._tensor(names["shared_gate"], (1, hidden), 1 / math.sqrt(hidden), dtype)
+        return GateWeights(weight=weight, correction_bias=bias, shared=shared, shared_gate=shared_gate)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint directories
+# --------------------------------------------------------------------------------------------
+
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointSource:
+    """Reads one model's expert and gate tensors from a safetensors checkpoint directory.
+
+    The map tensor name -> shard file is built once (from `model.safetensors.index.json`, or from
+    the headers of the `*.safetensors` files); each read opens (memory-maps) only the shard that
+    holds the tensor and reads only that tensor, or one expert's slice of a fused tensor.
+    Tensors come back as stored (dtype and all) unless `dtype=` is given.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        config_path = self.directory / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{directory}: no config.json; a checkpoint directory needs config.json + *.safetensors"
+            )
+        with open(config_path, encoding="utf-8") as fh:
+            config = json.load(fh)
+        self.spec: ModelSpec = spec_from_config(config, str(directory))
+        self._files = self._build_index()
+        self._handles: dict[Path, Any] = {}
+        self._lock = threading.Lock()
+
+    def _build_index(self) -> dict[str, Path]:
+        """tensor name -> the file holding it."""
+        index_path = self.directory / _INDEX_FILE
+        if index_path.is_file():
+            with open(index_path, encoding="utf-8") as fh:
+                weight_map = json.load(fh)["weight_map"]
+            return {name: self.directory / file for name, file in weight_map.items()}
+        files = sorted(self.directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.directory}: no *.safetensors files next to config.json")
+        names: dict[str, Path] = {}
+        for path in files:
+            with safe_open(path, framework="pt") as fh:  # reads the header only
+                for name in fh.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                    names[name] = path
+        return names
+
+    @property
+    def tensor_names(self) -> list[str]:
+        """Every tensor name in the checkpoint, sorted."""
+        return sorted(self._files)
+
+    def _handle(self, name: str) -> Any:
+        path = self._files.get(name)
+        if path is None:
+            raise MissingTensor(f"tensor {name!r} is not in checkpoint {self.directory}")
+        with self._lock:
+            handle = self._handles.get(path)
+            if handle is None:
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"{self.directory}: {_INDEX_FILE} lists {path.name} for {name!r}, but it is missing"
+                    )
+                handle = self._handles[path] = safe_open(path, framework="pt")
+        return handle
+
+    def _read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        tensor = self._handle(name).get_tensor(name)
+        _check_shape(name, tensor, shape, str(self.directory))
+        return tensor
+
+    def _read_expert_slice(self, name: str, expert: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Row `expert` of a fused [E, ...] tensor, reading only that row."""
+        view = self._handle(name).get_slice(name)
+        _check_shape(name, tuple(view.get_shape()), shape, str(self.directory))
+        return view[expert]
+
+    def expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> FFNWeights:
+        """Expert `expert` of layer `layer`: gate/up [I, H], down [H, I]; stored dtype unless `dtype`."""
+        spec = self.spec.layer(layer)
+        _check_expert(self.spec, layer, expert)
+        hidden, inner, num = spec.hidden_size, spec.intermediate_size, spec.num_experts
+        for gate, up, down in _expert_names(self.spec.family, layer, expert):
+            if gate in self._files:
+                w = FFNWeights(
+                    gate=self._read(gate, (inner, hidden)),
+                    up=self._read(up, (inner, hidden)),
+                    down=self._read(down, (hidden, inner)),
+                )
+                return w if dtype is None else w.to(dtype=dtype)
+        for gate_up, down in _fused_names(self.spec.family, layer):
+            if gate_up in self._files:
+                fused = self._read_expert_slice(gate_up, expert, (num, 2 * inner, hidden))  # [2I, H]
+                w = FFNWeights(
+                    gate=fused[:inner],  # gate rows first, then up (transformers' chunk(2))
+                    up=fused[inner:],
+                    down=self._read_expert_slice(down, expert, (num, hidden, inner)),
+                )
+                return w if dtype is None else w.to(dtype=dtype)
+        per_expert = _expert_names(self.spec.family, layer, expert)[0][0]
+        fused_name = _fused_names(self.spec.family, layer)[0][0]
+        raise MissingTensor(
+            f"tensor {per_expert!r} is not in checkpoint {self.directory} "
+            f"(nor the fused {fused_name!r}); layer {layer} expert {expert} cannot be read"
+        )
+
+    def gate(self, layer: int, dtype: torch.dtype | None = None) -> GateWeights:
+        """Router weight [E, H], plus the family's selection bias [E] / shared expert / shared gate [1, H]."""
+        spec = self.spec.layer(layer)
+        names = _gate_names(self.spec.family, layer)
+        hidden, num = spec.hidden_size, spec.num_experts
+        # Mixtral gates may live under either block prefix, like its experts.
+        weight_name = next(
+            (
+                f"{p.format(layer=layer)}.gate.weight"
+                for p in _BLOCK_PREFIXES[self.spec.family]
+                if f"{p.format(layer=layer)}.gate.weight" in self._files
+            ),
+            names["weight"],
+        )
+        weight = self._read(weight_name, (num, hidden))
+        bias = shared = shared_gate = None
+        if self.spec.routing.has_correction_bias:
+            bias = self._read(names["correction_bias"], (num,))
+        if spec.shared_intermediate_size:
+            inner = spec.shared_intermediate_size
+            shared = FFNWeights(
+                gate=self._read(names["shared.gate"], (inner, hidden)),
+                up=self._read(names["shared.up"], (inner, hidden)),
+                down=self._read(names["shared.down"], (hidden, inner)),
+            )
+            if dtype is not None:
+                shared = shared.to(dtype=dtype)
+        if spec.shared_gated:
+            shared_gate = self._read(names["shared_gate"], (1, hidden))
+        return GateWeights(
+            weight=_cast(weight, dtype),
+            correction_bias=_cast(bias, dtype),
+            shared=shared,
+            shared_gate=_cast(shared_gate, dtype),
+        )
+
+    def close(self) -> None:
+        """Drop the open shard handles (they are reopened on the next read)."""
+        with self._lock:
+            self._handles.clear()
+
+    def __enter__(self) -> CheckpointSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_source(model: str | Path) -> WeightSource:
+    """A preset name from PRESETS, or a directory holding config.json + *.safetensors."""
+    if isinstance(model, str) and model in PRESETS:
+        return PresetSource(model)
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory"
+        )
+    return CheckpointSource(model)
