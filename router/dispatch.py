@@ -1,0 +1,209 @@
+"""Plan and combine: which rows go to which expert on which host, and how the results come back.
+
+    Routing ──plan──▶ DispatchPlan (one HostBatch per expert host)
+    HostBatch ──pack──▶ rows [R, hidden] ──(transport)──▶ expert rows [R, hidden]
+    expert rows ──combine──▶ out [tokens, hidden] (weighted scatter-add)
+
+No transport here: a HostBatch is exactly what one `Compute` request carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .gating import Routing
+
+ExpertKey = tuple[int, int]  # (layer, expert)
+
+
+class NoReplica(LookupError):
+    """No live host serves (layer, expert)."""
+
+    def __init__(self, layer: int, expert: int, tried: Iterable[str] = ()):
+        tried = sorted(tried)
+        detail = f"; tried {', '.join(tried)}" if tried else ""
+        super().__init__(f"no live replica for layer {layer} expert {expert}{detail}")
+        self.layer = layer
+        self.expert = expert
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, start + count) of a host's packed tensor go through (layer, expert)."""
+
+    layer: int
+    expert: int
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class HostBatch:
+    """All of one forward's work for one host.
+
+    token_index: [R] int64, the token each packed row comes from
+    weight:      [R] float32, the combine weight of each packed row
+    """
+
+    host: str
+    segments: tuple[Segment, ...]
+    token_index: torch.Tensor
+    weight: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.token_index.numel())
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """One forward of one layer, split by host.
+
+    tokens_per_expert: [experts] int64, routed rows per expert (the load of this batch)
+    """
+
+    layer: int
+    num_tokens: int
+    batches: tuple[HostBatch, ...]
+    tokens_per_expert: torch.Tensor
+
+
+class RoutingTable:
+    """(layer, expert) → the hosts that serve it, in preference order. Immutable; swap a new one in."""
+
+    def __init__(self, replicas: Mapping[ExpertKey, Sequence[str]]):
+        self._replicas = {key: tuple(hosts) for key, hosts in replicas.items()}
+        for key, hosts in self._replicas.items():
+            assert hosts, f"(layer, expert) {key} has no host"
+
+    def replicas(self, layer: int, expert: int) -> tuple[str, ...]:
+        return self._replicas.get((layer, expert), ())
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Every host, in first-seen order."""
+        seen: dict[str, None] = {}
+        for hosts in self._replicas.values():
+            seen.update(dict.fromkeys(hosts))
+        return tuple(seen)
+
+    def experts_of(self, host: str) -> tuple[ExpertKey, ...]:
+        return tuple(sorted(key for key, hosts in self._replicas.items() if host in hosts))
+
+    def missing(self, layer: int, num_experts: int) -> list[int]:
+        """Experts of `layer` that no host serves."""
+        return [e for e in range(num_experts) if (layer, e) not in self._replicas]
+
+    def items(self) -> Iterable[tuple[ExpertKey, tuple[str, ...]]]:
+        return self._replicas.items()
+
+
+class ReplicaChooser(Protocol):
+    """Picks one host among the live replicas of an expert."""
+
+    def choose(self, layer: int, expert: int, replicas: Sequence[str], rows: int) -> str: ...
+
+
+class FirstReplica:
+    """Always the first live replica (deterministic; the table's order is the preference)."""
+
+    def choose(self, layer: int, expert: int, replicas: Sequence[str], rows: int) -> str:
+        return replicas[0]
+
+
+def plan(
+    routing: Routing,
+    layer: int,
+    num_experts: int,
+    table: RoutingTable,
+    chooser: ReplicaChooser | None = None,
+    excluded: frozenset[str] = frozenset(),
+) -> DispatchPlan:
+    """Group the routed (token, slot) pairs by expert, then by host.
+
+    routing.experts: [tokens, K] (-1 = unused slot); routing.weights: [tokens, K].
+    Hosts in `excluded` are skipped; an expert with no other replica raises NoReplica.
+    """
+    chooser = chooser or FirstReplica()
+    experts, weights = routing.experts, routing.weights
+    num_tokens, k = experts.shape
+
+    # Flatten the used slots: one row per (token, slot).
+    used = experts >= 0
+    flat_expert = experts[used]  # [N]
+    flat_token = torch.arange(num_tokens).unsqueeze(1).expand(num_tokens, k)[used]  # [N]
+    flat_weight = weights[used].to(torch.float32)  # [N]
+
+    # Sort by expert so that each expert's rows are one contiguous run.
+    order = torch.argsort(flat_expert, stable=True)
+    flat_expert, flat_token, flat_weight = flat_expert[order], flat_token[order], flat_weight[order]
+    tokens_per_expert = torch.bincount(flat_expert, minlength=num_experts)
+    present = torch.nonzero(tokens_per_expert).flatten().tolist()
+    counts = tokens_per_expert[present].tolist()
+
+    # Choose a host per expert; collect each host's runs in expert order.
+    runs: dict[str, list[tuple[int, int, int]]] = {}  # host -> [(expert, offset in flat, count)]
+    offset = 0
+    for expert, count in zip(present, counts):
+        live = [h for h in table.replicas(layer, expert) if h not in excluded]
+        if not live:
+            raise NoReplica(layer, expert, tried=set(table.replicas(layer, expert)) & excluded)
+        host = chooser.choose(layer, expert, live, count)
+        runs.setdefault(host, []).append((expert, offset, count))
+        offset += count
+
+    batches = []
+    for host, host_runs in runs.items():
+        segments, index_parts, start = [], [], 0
+        for expert, at, count in host_runs:
+            segments.append(Segment(layer, expert, start, count))
+            index_parts.append(torch.arange(at, at + count))
+            start += count
+        pick = torch.cat(index_parts)
+        batches.append(HostBatch(host, tuple(segments), flat_token[pick], flat_weight[pick]))
+    return DispatchPlan(layer, num_tokens, tuple(batches), tokens_per_expert)
+
+
+def replan(
+    batch: HostBatch,
+    table: RoutingTable,
+    chooser: ReplicaChooser | None = None,
+    excluded: frozenset[str] = frozenset(),
+) -> list[HostBatch]:
+    """Move a failed host's segments to other replicas; rows keep their tokens and weights."""
+    chooser = chooser or FirstReplica()
+    regrouped: dict[str, list[Segment]] = {}
+    for seg in batch.segments:
+        live = [h for h in table.replicas(seg.layer, seg.expert) if h not in excluded]
+        if not live:
+            raise NoReplica(seg.layer, seg.expert, tried=set(table.replicas(seg.layer, seg.expert)) & excluded)
+        regrouped.setdefault(chooser.choose(seg.layer, seg.expert, live, seg.count), []).append(seg)
+
+    out = []
+    for host, segs in regrouped.items():
+        new_segments, picks, start = [], [], 0
+        for seg in segs:
+            new_segments.append(Segment(seg.layer, seg.expert, start, seg.count))
+            picks.append(torch.arange(seg.start, seg.start + seg.count))
+            start += seg.count
+        pick = torch.cat(picks)
+        out.append(HostBatch(host, tuple(new_segments), batch.token_index[pick], batch.weight[pick]))
+    return out
+
+
+def pack(hidden: torch.Tensor, batch: HostBatch) -> torch.Tensor:
+    """hidden: [tokens, hidden] -> rows [R, hidden], the rows one host computes, contiguous."""
+    return hidden.index_select(0, batch.token_index)
+
+
+def combine(out: torch.Tensor, batch: HostBatch, expert_rows: torch.Tensor) -> None:
+    """Scatter-add weighted expert outputs into the token rows, in place.
+
+    out: [tokens, hidden] float32 accumulator; expert_rows: [R, hidden] for batch's rows.
+    """
+    assert expert_rows.shape == (batch.num_rows, out.shape[1]), (expert_rows.shape, batch.num_rows)
+    out.index_add_(0, batch.token_index, expert_rows.to(out.dtype) * batch.weight.unsqueeze(1))

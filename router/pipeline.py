@@ -1,0 +1,199 @@
+"""The sparse path of one MoE layer: gate → plan → dispatch → combine.
+
+`SparseMoE` runs it against an `ExpertTransport`, the small protocol for "where experts run":
+in process (tests, the single-process compute limit) or over gRPC (services/transport.py).
+Torch work runs on an executor so that an asyncio server's event loop only waits on I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .dispatch import DispatchPlan, HostBatch, ReplicaChooser, RoutingTable, Segment, combine, pack, plan, replan
+from .gating import GateConfig, Routing, RoutingPolicy, route
+
+
+class HostUnavailable(ConnectionError):
+    """The host could not be reached or is shutting down; its work may be retried elsewhere."""
+
+    def __init__(self, host: str, detail: str = ""):
+        super().__init__(f"expert host {host} unavailable{': ' + detail if detail else ''}")
+        self.host = host
+
+
+class DeadlineExceeded(TimeoutError):
+    """The caller's deadline passed before the experts answered."""
+
+
+class ExpertTransport(Protocol):
+    """Runs a HostBatch's rows through the host's experts."""
+
+    async def compute(
+        self, host: str, segments: Sequence[Segment], rows: torch.Tensor, timeout: float | None
+    ) -> torch.Tensor:
+        """rows: [R, hidden] -> [R, hidden] unweighted expert outputs, same dtype.
+
+        Raises HostUnavailable (retry elsewhere) or DeadlineExceeded.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """What the router holds for one layer.
+
+    gate_weight: [experts, hidden]; correction_bias: [experts] or None;
+    shared: hidden [tokens, hidden] -> [tokens, hidden], the (already gated) shared experts, or None
+    """
+
+    layer: int
+    hidden_size: int
+    gate: GateConfig
+    gate_weight: torch.Tensor
+    correction_bias: torch.Tensor | None = None
+    shared: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.num_experts
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """hidden: [tokens, hidden] in the input dtype."""
+
+    hidden: torch.Tensor
+    routing: Routing
+    plan: DispatchPlan
+    retries: int = 0
+    failed_hosts: tuple[str, ...] = field(default=())
+
+
+@dataclass
+class _Attempt:
+    """Hosts that failed during one forward, and how many host batches were re-sent."""
+
+    failed: set[str] = field(default_factory=set)
+    retries: int = 0
+
+
+class SparseMoE:
+    """Serves the MoE layers of one model against a transport."""
+
+    def __init__(
+        self,
+        layers: Mapping[int, MoELayer],
+        table: RoutingTable,
+        transport: ExpertTransport,
+        chooser: ReplicaChooser | None = None,
+        executor: Executor | None = None,
+    ):
+        self.layers = dict(layers)
+        self._table = table
+        self.transport = transport
+        self.chooser = chooser
+        self._executor = executor or ThreadPoolExecutor(max_workers=2, thread_name_prefix="moemesh-router")
+
+    @property
+    def table(self) -> RoutingTable:
+        return self._table
+
+    def swap_table(self, table: RoutingTable) -> None:
+        """Replace the routing table; forwards already planned keep the one they started with."""
+        self._table = table
+
+    def gate(self, layer: int, hidden: torch.Tensor, policy: RoutingPolicy | None = None) -> Routing:
+        """hidden: [tokens, hidden] -> the routing decision (sync, runs torch)."""
+        spec = self.layers[layer]
+        return route(hidden, spec.gate_weight, spec.gate, policy, spec.correction_bias)
+
+    async def route(self, layer: int, hidden: torch.Tensor, policy: RoutingPolicy | None = None) -> Routing:
+        return await self.run(self.gate, layer, hidden, policy)
+
+    async def forward(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        policy: RoutingPolicy | None = None,
+        timeout: float | None = None,
+    ) -> ForwardResult:
+        """hidden: [tokens, hidden] -> the MoE block's output [tokens, hidden]."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spec = self.layers[layer]
+        table = self._table
+
+        # gate + plan + pack: one executor hop.
+        def prepare() -> tuple[Routing, DispatchPlan, list[torch.Tensor]]:
+            routing = self.gate(layer, hidden, policy)
+            dispatch_plan = plan(routing, layer, spec.num_experts, table, self.chooser)
+            return routing, dispatch_plan, [pack(hidden, b) for b in dispatch_plan.batches]
+
+        routing, dispatch_plan, packed = await self.run(prepare)
+
+        # dispatch: one call per host, all concurrent; shared experts meanwhile on the executor.
+        shared = asyncio.ensure_future(self.run(spec.shared, hidden)) if spec.shared else None
+        attempt = _Attempt()
+        try:
+            results = await asyncio.gather(
+                *(
+                    self._dispatch(b, rows, hidden, table, deadline, attempt)
+                    for b, rows in zip(dispatch_plan.batches, packed)
+                )
+            )
+        except BaseException:
+            if shared is not None:
+                shared.cancel()
+            raise
+        shared_out = await shared if shared is not None else None
+
+        # combine: weighted scatter-add in float32, then back to the input dtype.
+        def finish() -> torch.Tensor:
+            out = torch.zeros(hidden.shape, dtype=torch.float32)
+            for pairs in results:
+                for batch, rows in pairs:
+                    combine(out, batch, rows)
+            if shared_out is not None:
+                out += shared_out.to(torch.float32)
+            return out.to(hidden.dtype)
+
+        out = await self.run(finish)
+        return ForwardResult(out, routing, dispatch_plan, attempt.retries, tuple(sorted(attempt.failed)))
+
+    async def _dispatch(
+        self,
+        batch: HostBatch,
+        rows: torch.Tensor,
+        hidden: torch.Tensor,
+        table: RoutingTable,
+        deadline: float | None,
+        attempt: _Attempt,
+    ) -> list[tuple[HostBatch, torch.Tensor]]:
+        """Run one host's batch; if the host is unavailable, re-plan its segments on other replicas."""
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(f"deadline passed before calling expert host {batch.host}")
+        try:
+            out = await self.transport.compute(batch.host, batch.segments, rows, remaining)
+            return [(batch, out)]
+        except HostUnavailable:
+            attempt.failed.add(batch.host)
+            moved = replan(batch, table, self.chooser, frozenset(attempt.failed))
+            attempt.retries += len(moved)
+        nested = await asyncio.gather(
+            *(self._dispatch(b, pack(hidden, b), hidden, table, deadline, attempt) for b in moved)
+        )
+        return [pair for pairs in nested for pair in pairs]
+
+    async def run(self, fn: Callable, *args):
+        """Run torch work `fn(*args)` on the router executor, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
