@@ -180,7 +180,9 @@ def replan(
     for seg in batch.segments:
         live = [h for h in table.replicas(seg.layer, seg.expert) if h not in excluded]
         if not live:
-            raise NoReplica(seg.layer, seg.expert, tried=set(table.replicas(seg.layer, seg.expert)) & excluded)
+            raise NoReplica(
+                seg.layer, seg.expert, tried=set(table.replicas(seg.layer, seg.expert)) & excluded
+            )
         regrouped.setdefault(chooser.choose(seg.layer, seg.expert, live, seg.count), []).append(seg)
 
     out = []

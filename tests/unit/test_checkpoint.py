@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from moemesh.experts import weights as weights_module
 from moemesh.experts.ffn import ExpertBank, RowSpan
 from moemesh.experts.model import SUPPORTED_FAMILIES, UnsupportedModel, spec_from_config
@@ -18,7 +20,6 @@ from moemesh.experts.weights import (
     open_source,
     preset_config,
 )
-from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 

@@ -70,7 +70,9 @@ def test_combine_equals_dense_weighted_sum():
 
 
 def test_replan_moves_segments_to_replicas_and_keeps_rows():
-    routing = Routing(torch.tensor([[0, 3], [3, 0], [3, 1]]), torch.tensor([[0.6, 0.4], [0.8, 0.2], [0.5, 0.5]]))
+    routing = Routing(
+        torch.tensor([[0, 3], [3, 0], [3, 1]]), torch.tensor([[0.6, 0.4], [0.8, 0.2], [0.5, 0.5]])
+    )
     p = plan(routing, 0, E, _table())
     batch_b = next(b for b in p.batches if b.host == "b")  # expert 3 only
     moved = replan(batch_b, _table(), excluded=frozenset({"b"}))

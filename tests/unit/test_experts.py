@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moemesh.experts.device import dtype_name, parse_dtype, resolve_device
 from moemesh.experts.ffn import ExpertBank, RowSpan, UnknownExpert, activation_fn, ffn
 from moemesh.experts.model import SUPPORTED_FAMILIES, UnsupportedModel, spec_from_config
