@@ -1,0 +1,86 @@
+"""Domain errors → gRPC status, in one interceptor so that servicers stay thin.
+
+| raised                                   | status              |
+| ---------------------------------------- | ------------------- |
+| InvalidArgument, InvalidRouting, UnknownExpert | INVALID_ARGUMENT |
+| Overloaded                               | RESOURCE_EXHAUSTED  |
+| NoReplica                                | UNAVAILABLE         |
+| DeadlineExceeded, asyncio.TimeoutError   | DEADLINE_EXCEEDED   |
+| HostError (an expert host failed)        | the host's status   |
+| anything else                            | INTERNAL (logged)   |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from moemesh.experts.ffn import UnknownExpert
+from moemesh.router.dispatch import NoReplica
+from moemesh.router.gating import InvalidRouting
+from moemesh.router.pipeline import DeadlineExceeded
+
+from .codec import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """Too much work queued or a request too large to take."""
+
+
+class HostError(RuntimeError):
+    """An expert host answered with an error that retrying elsewhere would not fix."""
+
+    def __init__(self, host: str, code: grpc.StatusCode, details: str):
+        super().__init__(f"expert host {host}: {code.name}: {details}")
+        self.code = code
+
+
+def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and message a caller sees for `err`."""
+    if isinstance(err, (InvalidArgument, InvalidRouting)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(err)
+    if isinstance(err, UnknownExpert):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(err.args[0]) if err.args else str(err)
+    if isinstance(err, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
+    if isinstance(err, NoReplica):
+        return grpc.StatusCode.UNAVAILABLE, str(err)
+    if isinstance(err, (DeadlineExceeded, asyncio.TimeoutError)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(err) or "deadline exceeded"
+    if isinstance(err, HostError):
+        code = grpc.StatusCode.INTERNAL if err.code == grpc.StatusCode.INVALID_ARGUMENT else err.code
+        return code, str(err)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping a unary-unary handler into a status with a clear message."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def guarded(request, context: grpc.aio.ServicerContext):
+            try:
+                return await inner(request, context)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                if context.code() is not None and context.code() != grpc.StatusCode.OK:
+                    raise  # the handler already aborted with its own status
+                code, message = status_of(err)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", handler_call_details.method)
+                await context.abort(code, message)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

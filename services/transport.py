@@ -1,0 +1,131 @@
+"""Where experts run: implementations of `moemesh.router.pipeline.ExpertTransport`.
+
+- `GrpcTransport`: one `Expert.Compute` call per host batch over `grpc.aio`, the caller's remaining
+  deadline passed on; counts the bytes it sends and receives.
+- `InProcessTransport`: the same contract against `ExpertBank`s in this process (the compute
+  limit for benchmarks, and a way to test the router without sockets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from moemesh.experts.ffn import ExpertBank, RowSpan
+from moemesh.protos import moemesh_pb2 as pb
+from moemesh.router.dispatch import Segment
+from moemesh.router.pipeline import DeadlineExceeded, HostUnavailable, torch_executor
+
+from . import codec
+from .bootstrap import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from .errors import HostError
+
+COMPUTE_METHOD = "/moemesh.v1.Expert/Compute"
+# Statuses after which the same work can succeed on another replica.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+
+
+@dataclass
+class WireStats:
+    """Serialized message bytes of Compute calls, both directions (HTTP/2 framing not included)."""
+
+    calls: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def reset(self) -> None:
+        self.calls = self.bytes_sent = self.bytes_received = 0
+
+
+class GrpcTransport:
+    """Calls expert hosts over gRPC. `addresses` maps host id -> "host:port"."""
+
+    def __init__(self, addresses: Mapping[str, str], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.addresses = dict(addresses)
+        self.stats = WireStats()
+        self._options = channel_options(max_message_bytes)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+
+    def _serialize(self, msg: pb.ComputeRequest) -> bytes:
+        data = msg.SerializeToString()
+        self.stats.calls += 1
+        self.stats.bytes_sent += len(data)
+        return data
+
+    def _deserialize(self, data: bytes) -> pb.ComputeResponse:
+        self.stats.bytes_received += len(data)
+        return pb.ComputeResponse.FromString(data)
+
+    def _call(self, host: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        call = self._calls.get(host)
+        if call is None:
+            if host not in self.addresses:
+                raise HostUnavailable(host, "no address known")
+            channel = grpc.aio.insecure_channel(self.addresses[host], options=self._options)
+            self._channels[host] = channel
+            call = channel.unary_unary(
+                COMPUTE_METHOD, request_serializer=self._serialize, response_deserializer=self._deserialize
+            )
+            self._calls[host] = call
+        return call
+
+    async def compute(
+        self, host: str, segments: Sequence[Segment], rows: torch.Tensor, timeout: float | None
+    ) -> torch.Tensor:
+        request = pb.ComputeRequest(segments=codec.encode_segments(segments), rows=codec.encode_tensor(rows))
+        try:
+            reply = await self._call(host)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(f"expert host {host} did not answer in time") from err
+            if err.code() in _RETRYABLE:
+                raise HostUnavailable(host, err.details() or err.code().name) from err
+            raise HostError(host, err.code(), err.details() or "") from err
+        out = codec.decode_tensor(reply.rows, "rows", rank=2)
+        if tuple(out.shape) != tuple(rows.shape):
+            raise HostError(
+                host, grpc.StatusCode.INTERNAL, f"reply shape {list(out.shape)} != {list(rows.shape)}"
+            )
+        return out
+
+    def set_address(self, host: str, address: str) -> None:
+        """Point `host` at a new address (after a restart); the old channel is closed lazily."""
+        old = self._channels.pop(host, None)
+        self._calls.pop(host, None)
+        self.addresses[host] = address
+        if old is not None:
+            asyncio.ensure_future(old.close())
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
+        self._channels.clear()
+        self._calls.clear()
+
+
+class InProcessTransport:
+    """Runs host batches on ExpertBanks in this process, off the event loop."""
+
+    def __init__(self, banks: Mapping[str, ExpertBank], executor: Executor | None = None):
+        self.banks = dict(banks)
+        self._executor = executor or torch_executor(1, "moemesh-experts")
+
+    async def compute(
+        self, host: str, segments: Sequence[Segment], rows: torch.Tensor, timeout: float | None
+    ) -> torch.Tensor:
+        bank = self.banks.get(host)
+        if bank is None:
+            raise HostUnavailable(host, "not in this process")
+        spans = [RowSpan(s.layer, s.expert, s.start, s.count) for s in segments]
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(
+            loop.run_in_executor(self._executor, bank.compute, spans, rows), timeout
+        )
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False)
