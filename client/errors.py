@@ -1,0 +1,45 @@
+"""Typed errors of the SDK. Each keeps the gRPC status code and the server's message; the
+original `grpc.RpcError` is the `__cause__`."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MoeMeshError(Exception):
+    """Any failed call to the mesh."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgumentError(MoeMeshError):
+    """The request was rejected; `details` names the field and what was expected."""
+
+
+class ResourceExhaustedError(MoeMeshError):
+    """Too large or the mesh is overloaded."""
+
+
+class UnavailableError(MoeMeshError):
+    """The router, or every replica of a needed expert, is unreachable."""
+
+
+class DeadlineExceededError(MoeMeshError):
+    """The call did not finish within its timeout."""
+
+
+_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> MoeMeshError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    return _BY_CODE.get(code, MoeMeshError)(code, details or "")

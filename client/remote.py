@@ -1,0 +1,32 @@
+"""`RemoteMoE`: a torch module whose forward runs one MoE layer on the mesh."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moemesh.router.gating import RoutingPolicy
+
+from .client import Client
+
+
+class RemoteMoE(nn.Module):
+    """Drop-in for a sparse MoE block: hidden [..., hidden_size] -> [..., hidden_size].
+
+    Inference only: the output carries no autograd graph back to the experts.
+    """
+
+    def __init__(self, client: Client, layer: int, policy: RoutingPolicy | None = None):
+        super().__init__()
+        self.client = client
+        self.layer = layer
+        self.policy = policy
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        flat = hidden_states.detach().reshape(-1, shape[-1])
+        out = self.client.forward(flat, self.layer, self.policy)
+        return out.to(device=hidden_states.device, dtype=hidden_states.dtype).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, router={self.client.address}"
