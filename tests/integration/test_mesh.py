@@ -1,0 +1,149 @@
+"""Router + 3 expert hosts over real gRPC (127.0.0.1, port 0), compared with references that
+moemesh did not write: a plain dense loop and the transformers sparse MoE blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from moemesh.client import AsyncClient, Client, RoutingMode, RoutingPolicy
+from moemesh.deploy.local import EmbeddedMesh, MeshConfig
+from moemesh.experts.weights import open_source, preset_config
+from tests.references import dense_reference, transformers_block
+
+pytestmark = pytest.mark.integration
+
+FAMILIES = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-deepseek-v3"]
+# bfloat16 experts vs the float32 transformers block: 8 mantissa bits in the inputs, weights and
+# expert outputs; measured max error on these presets is ~1e-2, the bound leaves room.
+BF16_TOLERANCE = 5e-2
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def mesh(request):
+    with EmbeddedMesh(MeshConfig(request.param, num_hosts=3, device="cpu")) as m:
+        yield request.param, m
+
+
+def _hidden(source, tokens=48, seed=0):
+    h = source.spec.layers[0].hidden_size
+    return torch.randn(tokens, h, generator=torch.Generator().manual_seed(seed))
+
+
+def test_forward_equals_dense_reference_and_transformers_block(mesh):
+    preset, m = mesh
+    source = open_source(preset)
+    with Client(m.address) as client:
+        for ls in source.spec.layers:
+            hidden = _hidden(source, seed=ls.layer)
+            out, routing = client.forward(hidden, layer=ls.layer, return_routing=True)
+            assert out.shape == hidden.shape and out.dtype == torch.float32
+
+            dense = dense_reference(source, ls.layer, hidden, routing.experts, routing.weights)
+            assert (out.double() - dense).abs().max().item() <= 1e-5
+
+            block = transformers_block(source, preset_config(preset), ls.layer)
+            with torch.no_grad():
+                expected = block(hidden.unsqueeze(0)).squeeze(0)
+            assert (out - expected).abs().max().item() <= 1e-5
+
+
+def test_every_host_used_and_one_rpc_per_host(mesh):
+    preset, m = mesh
+    source = open_source(preset)
+    stats = m.router.transport.stats
+    layer = source.spec.layers[0].layer
+    hidden = _hidden(source, tokens=64, seed=3)
+    with Client(m.address) as client:
+        stats.reset()
+        _, routing = client.forward(hidden, layer=layer, return_routing=True)
+    hosts_involved = {
+        host.host_id
+        for host in m.router.servicer.hosts
+        for (lay, e) in host.experts
+        if lay == layer and bool((routing.experts == e).any())
+    }
+    assert stats.calls == len(hosts_involved) == 3
+
+
+def test_wire_bytes_near_minimum(mesh):
+    preset, m = mesh
+    source = open_source(preset)
+    stats = m.router.transport.stats
+    ls = source.spec.layers[0]
+    tokens = 256
+    hidden = _hidden(source, tokens=tokens, seed=4)
+    with Client(m.address) as client:
+        stats.reset()
+        _, routing = client.forward(hidden, layer=ls.layer, return_routing=True)
+    k_rows = int((routing.experts >= 0).sum())  # = tokens * k for top-k
+    assert k_rows == tokens * source.spec.routing.top_k
+    minimum = 2 * k_rows * ls.hidden_size * 4  # rows out and back, float32
+    header_per_rpc = 256  # shapes, dtypes, segment list
+    total = stats.bytes_sent + stats.bytes_received
+    assert minimum <= total <= 1.05 * minimum + header_per_rpc * stats.calls
+
+
+def test_bfloat16_within_documented_tolerance():
+    preset = "tiny-mixtral"
+    source = open_source(preset)
+    hidden = _hidden(source, seed=5)
+    block = transformers_block(source, preset_config(preset), 0)
+    with torch.no_grad():
+        expected = block(hidden.unsqueeze(0)).squeeze(0)
+    with (
+        EmbeddedMesh(MeshConfig(preset, num_hosts=3, device="cpu", dtype="bfloat16")) as m,
+        Client(m.address) as c,
+    ):
+        out = c.forward(hidden.to(torch.bfloat16), layer=0)
+    assert out.dtype == torch.bfloat16
+    err = (out.float() - expected).abs().max().item()
+    assert err <= BF16_TOLERANCE, err
+
+
+def test_dynamic_routing_override_and_route(mesh):
+    preset, m = mesh
+    source = open_source(preset)
+    ls = source.spec.layers[0]
+    hidden = _hidden(source, seed=6)
+    policy = RoutingPolicy(RoutingMode.TOP_P, top_p=0.5, max_k=3)
+    with Client(m.address) as client:
+        routing = client.route(hidden, layer=ls.layer, policy=policy)
+        out, routed = client.forward(hidden, layer=ls.layer, policy=policy, return_routing=True)
+    assert torch.equal(routing.experts, routed.experts)
+    counts = (routing.experts >= 0).sum(dim=1)
+    assert counts.min() >= 1 and counts.max() <= 3
+    dense = dense_reference(source, ls.layer, hidden, routed.experts, routed.weights)
+    assert (out.double() - dense).abs().max().item() <= 1e-5
+
+
+def test_async_client_concurrent_forwards(mesh):
+    preset, m = mesh
+    source = open_source(preset)
+    ls = source.spec.layers[0]
+    batches = [_hidden(source, tokens=16, seed=10 + i) for i in range(8)]
+
+    async def run():
+        async with AsyncClient(m.address) as client:
+            return await asyncio.gather(
+                *(client.forward(b, layer=ls.layer, return_routing=True) for b in batches)
+            )
+
+    for hidden, (out, routing) in zip(batches, asyncio.run(run())):
+        dense = dense_reference(source, ls.layer, hidden, routing.experts, routing.weights)
+        assert (out.double() - dense).abs().max().item() <= 1e-5
+
+
+def test_topology_describes_layers_and_hosts(mesh):
+    preset, m = mesh
+    source = open_source(preset)
+    with Client(m.address) as client:
+        topo = client.topology()
+    assert topo.model == preset
+    assert [x.layer for x in topo.layers] == [x.layer for x in source.spec.layers]
+    assert len(topo.hosts) == 3
+    served = sorted(key for h in topo.hosts for key in h.experts)
+    assert served == sorted((x.layer, e) for x in source.spec.layers for e in range(x.num_experts))
+    assert all(h.device == "cpu" and h.dtype == "float32" for h in topo.hosts)
