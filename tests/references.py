@@ -44,8 +44,14 @@ def dense_reference(
     return out
 
 
-def transformers_block(source: WeightSource, config_dict: dict, layer: int) -> torch.nn.Module:
-    """The transformers MoE block of `layer`, with the source's weights, in eval mode (float32)."""
+def transformers_block(
+    source: WeightSource, config_dict: dict, layer: int, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """The transformers MoE block of `layer`, with the source's weights, in eval mode, in `dtype`.
+
+    DeepSeek-V3's router runs in float32 whatever the model dtype (as in transformers), so its gate
+    keeps the source's exact float32 weights.
+    """
     family = source.spec.family
     spec = source.spec.layer(layer)
     if family == "mixtral":
@@ -82,4 +88,9 @@ def transformers_block(source: WeightSource, config_dict: dict, layer: int) -> t
             shared_module.down_proj.weight.copy_(gate.shared.down)
         if gate.shared_gate is not None:
             block.shared_expert_gate.weight.copy_(gate.shared_gate)
+        block.to(dtype)
+        if family == "deepseek_v3":
+            block.gate.float()
+            block.gate.weight.copy_(gate.weight)
+            block.gate.e_score_correction_bias.copy_(gate.correction_bias)
     return block

@@ -1,0 +1,18 @@
+.PHONY: generate lint format test demo
+
+generate:  ## regenerate protos/moemesh_pb2*.py from protos/moemesh.proto
+	python -m moemesh.protos.generate
+
+lint:
+	ruff check .
+	ruff format --check .
+
+format:
+	ruff check --fix .
+	ruff format .
+
+test:
+	python -m pytest
+
+demo:
+	moemesh demo
