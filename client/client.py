@@ -18,6 +18,7 @@ from moemesh.protos import moemesh_pb2_grpc as pb_grpc
 from moemesh.router.gating import Routing, RoutingPolicy
 from moemesh.services import codec
 from moemesh.services.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from moemesh.services.telemetry import Telemetry, client_call, describe_policy
 
 from .errors import from_rpc_error
 
@@ -31,6 +32,7 @@ class LayerTopology:
     top_k: int
     family: str
     shared_experts: int
+    tokens_routed: tuple[int, ...] = ()  # rows routed to each expert since the router started
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class HostTopology:
     device: str
     dtype: str
     experts: tuple[tuple[int, int], ...]
+    node: str = ""
+    relative_speed: float = 1.0
+    healthy: bool = True
 
 
 @dataclass(frozen=True)
@@ -71,16 +76,37 @@ def _topology(msg: pb.GetTopologyResponse) -> Topology:
                 x.top_k,
                 x.routing_family,
                 x.shared_experts,
+                tuple(x.tokens_routed),
             )
             for x in msg.layers
         ),
         hosts=tuple(
             HostTopology(
-                h.host_id, h.address, h.device, h.dtype, tuple((e.layer, e.expert) for e in h.experts)
+                h.host_id,
+                h.address,
+                h.device,
+                h.dtype,
+                tuple((e.layer, e.expert) for e in h.experts),
+                h.node,
+                h.relative_speed,
+                h.healthy,
             )
             for h in msg.hosts
         ),
     )
+
+
+FORWARD = "/moemesh.v1.Router/Forward"
+ROUTE = "/moemesh.v1.Router/Route"
+GET_TOPOLOGY = "/moemesh.v1.Router/GetTopology"
+
+
+def _span_attributes(hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None) -> dict:
+    return {
+        "moemesh.layer": layer,
+        "moemesh.tokens": int(hidden.shape[0]),
+        "moemesh.routing.policy": describe_policy(policy),
+    }
 
 
 def _forward_request(hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None, return_routing: bool):
@@ -111,10 +137,17 @@ class Client:
     """Blocking client. `timeout` (seconds) is the default deadline of every call."""
 
     def __init__(
-        self, address: str, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+        self,
+        address: str,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tracer_provider=None,
     ):
         self.address = address
         self.timeout = timeout
+        # Each call is a CLIENT span (tracer_provider's, default the global one) whose context
+        # travels to the router in the call's metadata.
+        self._tracer = Telemetry(tracer_provider).tracer()
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.RouterStub(self._channel)
 
@@ -128,8 +161,10 @@ class Client:
     ):
         """hidden: [tokens, hidden_size] -> the MoE layer's output (and the Routing, if asked)."""
         request = _forward_request(hidden, layer, policy, return_routing)
+        attributes = _span_attributes(hidden, layer, policy)
         try:
-            reply = self._stub.Forward(request, timeout=timeout or self.timeout)
+            with client_call(self._tracer, FORWARD, self.address, attributes) as c:
+                reply = self._stub.Forward(request, timeout=timeout or self.timeout, metadata=c.metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return _forward_result(reply, return_routing)
@@ -142,15 +177,21 @@ class Client:
         timeout: float | None = None,
     ) -> Routing:
         """hidden: [tokens, hidden_size] -> chosen experts and weights, without running experts."""
+        request = _route_request(hidden, layer, policy)
+        attributes = _span_attributes(hidden, layer, policy)
         try:
-            reply = self._stub.Route(_route_request(hidden, layer, policy), timeout=timeout or self.timeout)
+            with client_call(self._tracer, ROUTE, self.address, attributes) as c:
+                reply = self._stub.Route(request, timeout=timeout or self.timeout, metadata=c.metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return codec.decode_routing(reply.routing)
 
     def topology(self, timeout: float | None = None) -> Topology:
         try:
-            reply = self._stub.GetTopology(pb.GetTopologyRequest(), timeout=timeout or self.timeout)
+            with client_call(self._tracer, GET_TOPOLOGY, self.address) as c:
+                reply = self._stub.GetTopology(
+                    pb.GetTopologyRequest(), timeout=timeout or self.timeout, metadata=c.metadata
+                )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return _topology(reply)
@@ -169,10 +210,17 @@ class AsyncClient:
     """asyncio client with the same methods as `Client`, as coroutines."""
 
     def __init__(
-        self, address: str, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+        self,
+        address: str,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tracer_provider=None,
     ):
         self.address = address
         self.timeout = timeout
+        # Each call is a CLIENT span (tracer_provider's, default the global one) whose context
+        # travels to the router in the call's metadata.
+        self._tracer = Telemetry(tracer_provider).tracer()
         self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.RouterStub(self._channel)
 
@@ -185,8 +233,12 @@ class AsyncClient:
         timeout: float | None = None,
     ):
         request = _forward_request(hidden, layer, policy, return_routing)
+        attributes = _span_attributes(hidden, layer, policy)
         try:
-            reply = await self._stub.Forward(request, timeout=timeout or self.timeout)
+            with client_call(self._tracer, FORWARD, self.address, attributes) as c:
+                reply = await self._stub.Forward(
+                    request, timeout=timeout or self.timeout, metadata=c.metadata
+                )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return _forward_result(reply, return_routing)
@@ -198,17 +250,21 @@ class AsyncClient:
         policy: RoutingPolicy | None = None,
         timeout: float | None = None,
     ) -> Routing:
+        request = _route_request(hidden, layer, policy)
+        attributes = _span_attributes(hidden, layer, policy)
         try:
-            reply = await self._stub.Route(
-                _route_request(hidden, layer, policy), timeout=timeout or self.timeout
-            )
+            with client_call(self._tracer, ROUTE, self.address, attributes) as c:
+                reply = await self._stub.Route(request, timeout=timeout or self.timeout, metadata=c.metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return codec.decode_routing(reply.routing)
 
     async def topology(self, timeout: float | None = None) -> Topology:
         try:
-            reply = await self._stub.GetTopology(pb.GetTopologyRequest(), timeout=timeout or self.timeout)
+            with client_call(self._tracer, GET_TOPOLOGY, self.address) as c:
+                reply = await self._stub.GetTopology(
+                    pb.GetTopologyRequest(), timeout=timeout or self.timeout, metadata=c.metadata
+                )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return _topology(reply)

@@ -2,10 +2,16 @@
 the environment (except the OpenTelemetry SDK's own OTEL_* variables).
 
     moemesh demo                      # local mesh, one batch end to end, a short report
-    moemesh up --model tiny-mixtral   # local mesh in the foreground until Ctrl-C
+    moemesh up --model tiny-mixtral   # the mesh on an embedded local Ray, until Ctrl-C
+    moemesh status / down             # inspect / remove a running mesh
+    moemesh plan --cluster FILE       # placement on a (possibly imaginary) cluster, offline
     moemesh serve-expert ...          # one expert host
     moemesh serve-router ...          # one router
     moemesh models                    # presets
+    moemesh trace serve / show / list # receive OTLP traces, print one as a waterfall or a PNG
+
+Tracing is on in a process when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set;
+`--metrics-port` serves Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 
 from moemesh.experts.weights import PRESETS
 from moemesh.services.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, RunningServer, ServerConfig
+from moemesh.services.telemetry import HOST_ATTRIBUTE, TelemetryConfig, configure_tracing, start_telemetry
 
 from .placement import parse_experts
 
@@ -51,9 +58,16 @@ async def _serve_until_signal(server: RunningServer, stop) -> None:
     await stop()
 
 
+def _telemetry_config(
+    args: argparse.Namespace, service_name: str, resource: tuple[tuple[str, str], ...] = ()
+) -> TelemetryConfig:
+    return TelemetryConfig(service_name, resource, args.host, args.metrics_port)
+
+
 async def _serve_expert(args: argparse.Namespace) -> None:
     from moemesh.services.launch import ExpertHostConfig, start_expert_host
 
+    telemetry = start_telemetry(_telemetry_config(args, "moemesh-expert", ((HOST_ATTRIBUTE, args.host_id),)))
     config = ExpertHostConfig(
         model=args.model,
         host_id=args.host_id,
@@ -62,54 +76,157 @@ async def _serve_expert(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         server=_server_config(args),
     )
-    host = await start_expert_host(config)
+    host = await start_expert_host(config, telemetry=telemetry)
     _write_ready(args.ready_file, {"address": host.address, "host_id": args.host_id, "pid": os.getpid()})
     print(f"expert host {args.host_id} serving {len(config.experts)} experts on {host.address}", flush=True)
+    _print_metrics(telemetry)
     await _serve_until_signal(host.server, host.stop)
 
 
 async def _serve_router(args: argparse.Namespace) -> None:
     from moemesh.services.launch import RouterConfig, start_router
 
+    telemetry = start_telemetry(_telemetry_config(args, "moemesh-router"))
     hosts = tuple(a.strip() for a in args.experts_at.split(",") if a.strip())
     config = RouterConfig(model=args.model, hosts=hosts, server=_server_config(args))
-    router = await start_router(config)
+    router = await start_router(config, telemetry=telemetry)
     _write_ready(args.ready_file, {"address": router.address, "pid": os.getpid()})
     print(f"router serving {args.model} on {router.address} over {len(hosts)} expert hosts", flush=True)
+    _print_metrics(telemetry)
     await _serve_until_signal(router.server, router.stop)
+
+
+def _print_metrics(telemetry) -> None:
+    if telemetry.metrics_server is not None:
+        print(f"metrics on {telemetry.metrics_server.url}", flush=True)
+
+
+def parse_devices(text: str) -> dict[str, float]:
+    """ "H100:1,A100-80G:2,CPU:3" -> Ray resources {"device:H100": 1, ...} for an embedded instance."""
+    from .planner import DEVICE_RESOURCE_PREFIX
+
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, count = part.rpartition(":")
+        if not sep or not name or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--devices: expected ACCELERATOR:COUNT[,...], got {part!r}")
+        out[DEVICE_RESOURCE_PREFIX + name] = float(count)
+    if not out:
+        raise ValueError("--devices: no devices given")
+    return out
+
+
+def _ray_config(args: argparse.Namespace):
+    from .ray_mesh import RayMeshConfig
+
+    embedded = args.address is None
+    return RayMeshConfig(
+        model=args.model,
+        address=args.address,
+        num_cpus=(os.cpu_count() or 1) if embedded else None,
+        resources=parse_devices(args.devices or f"CPU:{args.hosts}") if embedded else {},
+        replicas=args.replicas,
+        device=args.device,
+        dtype=args.dtype,
+        max_restarts=args.max_restarts,
+        router_port=args.port,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        metrics_port=args.metrics_port,
+        # The actors report traces where this process would: pass on the standard OTEL_* settings.
+        env={k: v for k, v in os.environ.items() if k.startswith("OTEL_")},
+    )
+
+
+def _wait_for_stop(still_up=lambda: True) -> None:
+    """Block until SIGINT/SIGTERM, or until `still_up()` turns false (e.g. `moemesh down`)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0) and still_up():
+        pass
 
 
 def _up(args: argparse.Namespace) -> int:
     from moemesh.client import Client
 
-    from .local import MeshConfig, ProcessMesh
     from .report import print_topology
 
-    config = MeshConfig(
-        args.model,
-        args.hosts,
-        args.device,
-        args.dtype,
-        args.host,
-        args.port,
-        args.max_message_mb * 1024 * 1024,
-    )
-    with ProcessMesh(config, on_event=lambda m: print(f"  {m}", flush=True)) as mesh:
-        with Client(mesh.address) as client:
-            print_topology(client.topology())
-        print(f"\nrouter listening on {mesh.address}; Ctrl-C to stop", flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        while not stop.wait(0.5):
-            pass
+    say = lambda m: print(f"  {m}", flush=True)  # noqa: E731
+    configure_tracing("moemesh-cli")  # this process's own calls; the servers configure their own
+    if args.backend == "processes":
+        from .local import MeshConfig, ProcessMesh
+
+        config = MeshConfig(
+            args.model,
+            args.hosts,
+            args.device,
+            args.dtype,
+            args.host,
+            args.port,
+            args.max_message_mb * 1024 * 1024,
+            metrics_port=args.metrics_port,
+        )
+        with ProcessMesh(config, on_event=say) as mesh:
+            with Client(mesh.address) as client:
+                print_topology(client.topology())
+            print(f"\nrouter listening on {mesh.address}; Ctrl-C to stop", flush=True)
+            _wait_for_stop()
+            print("stopping", flush=True)
+        return 0
+
+    from .ray_mesh import ROUTER_NAME, RayMesh, mesh_actor_names
+
+    mesh = RayMesh(_ray_config(args), on_event=say).start()
+    with Client(mesh.address) as client:
+        print_topology(client.topology())
+    if not mesh.embedded:
+        print(
+            f"\nrouter listening on {mesh.address} (Ray name {ROUTER_NAME!r}); `moemesh down` removes it",
+            flush=True,
+        )
+        return 0
+    print(f"\nrouter listening on {mesh.address}; Ctrl-C or `moemesh down` to stop", flush=True)
+    try:
+        _wait_for_stop(lambda: ROUTER_NAME in mesh_actor_names(mesh.config.namespace))
+    finally:
         print("stopping", flush=True)
+        mesh.close()
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from moemesh.client import Client
+
+    from .ray_mesh import find_router
+    from .report import print_status
+
+    address = args.router or find_router(args.address)
+    with Client(address) as client:
+        print_status(client.topology(), address)
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    import ray
+
+    from .ray_mesh import NAMESPACE, remove
+
+    ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
+    removed = remove(NAMESPACE)
+    print(f"removed {len(removed)} actors: {', '.join(removed)}" if removed else "no moemesh actors found")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .planner import run_plan
+
+    return run_plan(args.model, args.cluster, args.replicas, args.json)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
+    configure_tracing("moemesh-demo")
     return run_demo(
         DemoConfig(
             model=args.model,
@@ -134,6 +251,16 @@ def _models(args: argparse.Namespace) -> int:
             f"experts={ls.num_experts} top_k={spec.routing.top_k} shared={ls.shared_intermediate_size > 0}"
         )
     return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from . import trace_view
+
+    if args.trace_command == "serve":
+        return trace_view.serve_receiver(args.host, args.port, args.out or None, args.print_traces)
+    if args.trace_command == "show":
+        return trace_view.show_trace(args.file, args.trace_id, args.png)
+    return trace_view.list_traces(args.file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
             "a machine should split its cores: oversubscribed torch threads spin and stall",
         )
 
+    def metrics_arg(p: argparse.ArgumentParser, what: str = "") -> None:
+        p.add_argument(
+            "--metrics-port",
+            type=int,
+            default=0,
+            help=f"serve Prometheus /metrics on this port{what}, 0 = off (default: 0)",
+        )
+
     def device_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", help="cpu, cuda[:N], xpu, mps or auto (default: auto)")
         p.add_argument(
@@ -179,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-id", required=True, help="stable name of this host in the routing table")
     p.add_argument("--experts", required=True, help="LAYER:FIRST-LAST[+...],... e.g. 0:0-3,1:0-3")
     threads_arg(p)
+    metrics_arg(p)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.set_defaults(run=lambda a: asyncio.run(_serve_expert(a)) or 0)
 
@@ -186,14 +322,61 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, port_default=50051)
     p.add_argument("--experts-at", required=True, help="comma-separated expert host addresses host:port")
     threads_arg(p)
+    metrics_arg(p)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.set_defaults(run=lambda a: asyncio.run(_serve_router(a)) or 0)
 
-    p = sub.add_parser("up", help="start a whole local mesh (one process per host) in the foreground")
+    p = sub.add_parser("up", help="deploy the mesh on Ray (embedded local instance unless --address)")
     model_args(p, port_default=50051)
     device_args(p)
-    p.add_argument("--hosts", type=int, default=3, help="expert hosts (default: 3)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (ray://host:10001 or auto); default: start an embedded local Ray",
+    )
+    p.add_argument("--hosts", type=int, default=3, help="embedded Ray: CPU expert hosts (default: 3)")
+    p.add_argument(
+        "--devices",
+        default=None,
+        help="embedded Ray: devices to simulate, e.g. H100:1,A100-80G:2 (compute stays on --device)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="extra replicas of the hottest experts (default: planner's)",
+    )
+    p.add_argument(
+        "--max-restarts", type=int, default=3, help="Ray restarts of a dead expert host (default: 3)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["ray", "processes"],
+        default="ray",
+        help="ray (default), or one plain OS process per host without Ray",
+    )
+    metrics_arg(p, " for the router, PORT+1+i for expert host i (--backend processes)")
     p.set_defaults(run=_up)
+
+    p = sub.add_parser("status", help="print the running mesh: experts, replicas, nodes, devices, load")
+    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    p.add_argument("--router", default=None, help="router host:port (skips the Ray lookup)")
+    p.set_defaults(run=_status)
+
+    p = sub.add_parser("down", help="remove the mesh's Ray actors")
+    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    p.set_defaults(run=_down)
+
+    p = sub.add_parser("plan", help="print the placement of a model on a cluster description, offline")
+    p.add_argument(
+        "--model",
+        default="tiny-mixtral",
+        help="preset, checkpoint directory, or synthetic:layers=1,experts=64,hidden=4096,intermediate=14336",
+    )
+    p.add_argument("--cluster", required=True, help="cluster YAML/JSON (see deploy/clusters/)")
+    p.add_argument("--replicas", type=int, default=None, help="extra replicas of the hottest experts")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(run=_plan)
 
     p = sub.add_parser("demo", help="start a local mesh, run batches end to end, print a report")
     p.add_argument(
@@ -208,6 +391,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the presets")
     p.set_defaults(run=_models)
+
+    p = sub.add_parser("trace", help="receive OTLP traces and show them, with no other software")
+    p.set_defaults(run=_trace)
+    trace_sub = p.add_subparsers(dest="trace_command", required=True)
+    t = trace_sub.add_parser(
+        "serve", help="an OTLP/gRPC trace receiver in the foreground; point OTEL_EXPORTER_OTLP_ENDPOINT at it"
+    )
+    t.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    t.add_argument("--port", type=int, default=4317, help="port to bind, 0 = any (default: 4317)")
+    t.add_argument(
+        "--out",
+        default="spans.jsonl",
+        help="append received spans to this file, '' = none (default: spans.jsonl)",
+    )
+    t.add_argument(
+        "--print",
+        dest="print_traces",
+        action="store_true",
+        help="print each trace's waterfall when it completes",
+    )
+    t = trace_sub.add_parser("show", help="print one trace as an indented waterfall (and a PNG timeline)")
+    t.add_argument(
+        "trace_id", nargs="?", default=None, help="trace id or a unique prefix (default: the latest)"
+    )
+    t.add_argument(
+        "--file", default="spans.jsonl", help="spans written by `trace serve` (default: spans.jsonl)"
+    )
+    t.add_argument("--png", default=None, help="also draw the trace as a timeline into this PNG file")
+    t = trace_sub.add_parser("list", help="one line per trace in a spans file")
+    t.add_argument(
+        "--file", default="spans.jsonl", help="spans written by `trace serve` (default: spans.jsonl)"
+    )
     return parser
 
 

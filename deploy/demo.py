@@ -8,6 +8,7 @@ next to the same sparse layer computed in this process with no network (the comp
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 
@@ -23,7 +24,8 @@ from moemesh.router.pipeline import SparseMoE
 from moemesh.services.router_service import build_layers
 from moemesh.services.transport import InProcessTransport
 
-from .local import MeshConfig, ProcessMesh
+from .planner import DEVICE_RESOURCE_PREFIX
+from .ray_mesh import RayMesh, RayMeshConfig
 from .report import balance, load_bars, print_topology
 
 # Mesh vs single process: identical math, summation order differs (float32), or bf16 rounding.
@@ -68,10 +70,17 @@ def run_demo(cfg: DemoConfig) -> int:
     print(
         f"moemesh demo: {cfg.model}, {cfg.num_hosts} expert hosts, {cfg.tokens} tokens per batch, {cfg.dtype}"
     )
-    mesh_cfg = MeshConfig(cfg.model, cfg.num_hosts, cfg.device, cfg.dtype)
+    mesh_cfg = RayMeshConfig(
+        cfg.model,
+        num_cpus=os.cpu_count() or 1,
+        resources={f"{DEVICE_RESOURCE_PREFIX}CPU": cfg.num_hosts},
+        device=cfg.device,
+        dtype=cfg.dtype,
+    )
+    print("starting an embedded local Ray instance and the mesh on it")
     t0 = time.perf_counter()
     with (
-        ProcessMesh(mesh_cfg, on_event=lambda m: print(f"  {m}", flush=True)) as mesh,
+        RayMesh(mesh_cfg, on_event=lambda m: print(f"  {m}", flush=True)) as mesh,
         Client(mesh.address) as client,
     ):
         print(f"mesh up in {time.perf_counter() - t0:.1f}s, router at {mesh.address}\n")

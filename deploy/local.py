@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from moemesh.services.launch import (
     start_expert_host,
     start_router,
 )
+from moemesh.services.telemetry import Telemetry
 
 from .placement import contiguous_placement, format_experts
 
@@ -45,25 +46,55 @@ class MeshConfig:
     host: str = "127.0.0.1"
     router_port: int = 0
     max_message_bytes: int = ServerConfig.max_message_bytes
+    # ProcessMesh only: 0 = no /metrics; else the router serves it on this port, host i on port + 1 + i.
+    metrics_port: int = 0
+
+
+class LoopThread:
+    """An asyncio event loop on a daemon thread, for gRPC servers inside sync code (tests, Ray actors)."""
+
+    def __init__(self, name: str = "moemesh-loop"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, coro, timeout: float | None = None):
+        """Run a coroutine on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
 
 
 class EmbeddedMesh:
     """Expert hosts + router in this process. Use as a context manager or call start()/close()."""
 
-    def __init__(self, config: MeshConfig):
+    def __init__(self, config: MeshConfig, telemetry: Telemetry | None = None):
+        """telemetry: where every server of the mesh reports spans and metrics (default: the
+        global tracer provider, no metrics)."""
         self.config = config
+        self.telemetry = telemetry
         self.hosts: list[ExpertHost] = []
         self.router: RouterHost | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="moemesh-mesh", daemon=True)
+        self._loop: LoopThread | None = None
 
     def call(self, coro, timeout: float | None = None):
         """Run a coroutine on the mesh's event loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        assert self._loop is not None, "mesh not started"
+        return self._loop.call(coro, timeout)
 
     def start(self) -> EmbeddedMesh:
-        self._thread.start()
-        self.call(self._start())
+        self._loop = LoopThread("moemesh-mesh")
+        try:
+            self.call(self._start())
+        except BaseException:
+            self.close()
+            raise
         return self
 
     async def _start(self) -> None:
@@ -72,12 +103,13 @@ class EmbeddedMesh:
         server = ServerConfig(host=cfg.host, port=0, max_message_bytes=cfg.max_message_bytes)
         for i, experts in enumerate(contiguous_placement(spec, cfg.num_hosts)):
             host_cfg = ExpertHostConfig(cfg.model, f"host-{i}", experts, cfg.device, cfg.dtype, server)
-            self.hosts.append(await start_expert_host(host_cfg))
+            self.hosts.append(await start_expert_host(host_cfg, telemetry=self.telemetry))
         router_server = ServerConfig(
             host=cfg.host, port=cfg.router_port, max_message_bytes=cfg.max_message_bytes
         )
         self.router = await start_router(
-            RouterConfig(cfg.model, tuple(h.address for h in self.hosts), server=router_server)
+            RouterConfig(cfg.model, tuple(h.address for h in self.hosts), server=router_server),
+            telemetry=self.telemetry,
         )
 
     @property
@@ -86,7 +118,7 @@ class EmbeddedMesh:
         return self.router.address
 
     def close(self) -> None:
-        if not self._thread.is_alive():
+        if self._loop is None or not self._loop.alive:
             return
 
         async def stop_all():
@@ -97,8 +129,7 @@ class EmbeddedMesh:
         try:
             self.call(stop_all(), timeout=30)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+            self._loop.stop()
 
     def __enter__(self) -> EmbeddedMesh:
         return self.start()
@@ -123,9 +154,13 @@ class ProcessMesh:
         config: MeshConfig,
         log_dir: Path | None = None,
         on_event: Callable[[str], None] = lambda msg: None,
+        env: Mapping[str, str] | None = None,
     ):
+        """env: more environment variables for the children (e.g. OTEL_EXPORTER_OTLP_ENDPOINT),
+        on top of this process's own."""
         self.config = config
         self.on_event = on_event
+        self.env = dict(env or {})
         self._tmp = tempfile.TemporaryDirectory(prefix="moemesh-")
         self.log_dir = Path(log_dir) if log_dir else Path(self._tmp.name)
         self.children: list[_Child] = []
@@ -140,10 +175,14 @@ class ProcessMesh:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
         return _Child(name, proc, ready)
+
+    def _metrics_args(self, offset: int) -> list[str]:
+        port = self.config.metrics_port
+        return ["--metrics-port", str(port + offset)] if port else []
 
     def _wait_ready(self, children: list[_Child], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -197,6 +236,7 @@ class ProcessMesh:
                             "0",
                             "--threads",
                             threads,
+                            *self._metrics_args(1 + i),
                         ],
                     )
                 )
@@ -214,6 +254,7 @@ class ProcessMesh:
                     str(cfg.router_port),
                     "--threads",
                     threads,
+                    *self._metrics_args(0),
                 ],
             )
             self._wait_ready([self.router], timeout)

@@ -98,3 +98,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype {dtype} is not supported; use one of {list(_DTYPE_NAMES.values())}")
     return _DTYPE_NAMES[dtype]
+
+
+def device_healthy(device: torch.device) -> bool:
+    """A tiny matmul on `device` and back: False when the device errors (lost, reset, ECC, ...)."""
+    try:
+        x = torch.ones(4, 4, device=device)
+        return bool((x @ x).sum().item() == 64.0)
+    except RuntimeError:
+        return False

@@ -104,7 +104,7 @@ class GetTopologyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LayerInfo(_message.Message):
-    __slots__ = ("layer", "num_experts", "hidden_size", "top_k", "routing_family", "shared_experts", "intermediate_size")
+    __slots__ = ("layer", "num_experts", "hidden_size", "top_k", "routing_family", "shared_experts", "intermediate_size", "tokens_routed")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class LayerInfo(_message.Message):
     ROUTING_FAMILY_FIELD_NUMBER: _ClassVar[int]
     SHARED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     INTERMEDIATE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_ROUTED_FIELD_NUMBER: _ClassVar[int]
     layer: int
     num_experts: int
     hidden_size: int
@@ -119,7 +120,8 @@ class LayerInfo(_message.Message):
     routing_family: str
     shared_experts: int
     intermediate_size: int
-    def __init__(self, layer: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., top_k: _Optional[int] = ..., routing_family: _Optional[str] = ..., shared_experts: _Optional[int] = ..., intermediate_size: _Optional[int] = ...) -> None: ...
+    tokens_routed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., top_k: _Optional[int] = ..., routing_family: _Optional[str] = ..., shared_experts: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., tokens_routed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExpertRef(_message.Message):
     __slots__ = ("layer", "expert")
@@ -130,18 +132,24 @@ class ExpertRef(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
 
 class HostInfo(_message.Message):
-    __slots__ = ("host_id", "address", "device", "dtype", "experts")
+    __slots__ = ("host_id", "address", "device", "dtype", "experts", "node", "relative_speed", "healthy")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_SPEED_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     address: str
     device: str
     dtype: str
     experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
-    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ...) -> None: ...
+    node: str
+    relative_speed: float
+    healthy: bool
+    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., node: _Optional[str] = ..., relative_speed: _Optional[float] = ..., healthy: _Optional[bool] = ...) -> None: ...
 
 class GetTopologyResponse(_message.Message):
     __slots__ = ("model", "layers", "hosts")
@@ -184,15 +192,19 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("host_id", "device", "dtype", "experts", "model")
+    __slots__ = ("host_id", "device", "dtype", "experts", "model", "node", "relative_speed")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_SPEED_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     device: str
     dtype: str
     experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
     model: str
-    def __init__(self, host_id: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
+    node: str
+    relative_speed: float
+    def __init__(self, host_id: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., model: _Optional[str] = ..., node: _Optional[str] = ..., relative_speed: _Optional[float] = ...) -> None: ...

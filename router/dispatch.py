@@ -103,9 +103,11 @@ class RoutingTable:
 
 
 class ReplicaChooser(Protocol):
-    """Picks one host among the live replicas of an expert."""
+    """Picks one host among the live replicas of an expert; `rows` chosen are released once answered."""
 
     def choose(self, layer: int, expert: int, replicas: Sequence[str], rows: int) -> str: ...
+
+    def release(self, host: str, rows: int) -> None: ...
 
 
 class FirstReplica:
@@ -113,6 +115,9 @@ class FirstReplica:
 
     def choose(self, layer: int, expert: int, replicas: Sequence[str], rows: int) -> str:
         return replicas[0]
+
+    def release(self, host: str, rows: int) -> None:
+        pass
 
 
 def plan(
@@ -151,6 +156,9 @@ def plan(
     for expert, count in zip(present, counts):
         live = [h for h in table.replicas(layer, expert) if h not in excluded]
         if not live:
+            # Give back what this plan reserved: nothing of it will be sent.
+            for host, host_runs in runs.items():
+                chooser.release(host, sum(c for _, _, c in host_runs))
             raise NoReplica(layer, expert, tried=set(table.replicas(layer, expert)) & excluded)
         host = chooser.choose(layer, expert, live, count)
         runs.setdefault(host, []).append((expert, offset, count))
@@ -180,6 +188,8 @@ def replan(
     for seg in batch.segments:
         live = [h for h in table.replicas(seg.layer, seg.expert) if h not in excluded]
         if not live:
+            for host, segs in regrouped.items():
+                chooser.release(host, sum(s.count for s in segs))
             raise NoReplica(
                 seg.layer, seg.expert, tried=set(table.replicas(seg.layer, seg.expert)) & excluded
             )

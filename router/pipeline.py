@@ -3,14 +3,17 @@
 `SparseMoE` runs it against an `ExpertTransport`, the small protocol for "where experts run":
 in process (tests, the single-process compute limit) or over gRPC (services/transport.py).
 Torch work runs on an executor so that an asyncio server's event loop only waits on I/O.
+A `PipelineObserver` may watch each stage (the services trace them); by default nothing does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,6 +31,7 @@ from .dispatch import (
     replan,
 )
 from .gating import GateConfig, Routing, RoutingPolicy, route
+from .replicas import HostHealth, LeastLoadedReplica
 
 
 def torch_executor(max_workers: int, name: str) -> ThreadPoolExecutor:
@@ -107,6 +111,42 @@ class _Attempt:
     retries: int = 0
 
 
+# True inside the transport calls that re-send a failed host's rows to another replica (a task
+# copies the context it starts in, so the re-sent batches' calls see it); transports may report it.
+DISPATCH_RETRY: contextvars.ContextVar[bool] = contextvars.ContextVar("moemesh_dispatch_retry", default=False)
+
+STAGES = ("gate", "plan", "dispatch", "combine")
+
+
+@dataclass
+class ForwardFacts:
+    """What one forward has decided so far, filled in stage by stage for observers."""
+
+    layer: int
+    tokens: int
+    policy: RoutingPolicy | None
+    routing: Routing | None = None  # after gate
+    plan: DispatchPlan | None = None  # after plan
+    retries: int = 0  # after dispatch: host batches re-sent to other replicas
+    failed_hosts: tuple[str, ...] = ()  # after dispatch
+
+
+class PipelineObserver(Protocol):
+    """Sees each stage of a forward (e.g. to trace it); the default observes nothing."""
+
+    def stage(self, name: str, facts: ForwardFacts) -> AbstractContextManager[object]:
+        """Wraps stage `name` (one of STAGES); `facts` holds the stage's decisions when it exits.
+
+        Entered on the thread that runs the stage, in the forward's contextvars context.
+        """
+        ...
+
+
+class NoObserver:
+    def stage(self, name: str, facts: ForwardFacts) -> AbstractContextManager[object]:
+        return nullcontext()
+
+
 class SparseMoE:
     """Serves the MoE layers of one model against a transport."""
 
@@ -117,11 +157,19 @@ class SparseMoE:
         transport: ExpertTransport,
         chooser: ReplicaChooser | None = None,
         executor: Executor | None = None,
+        health: HostHealth | None = None,
+        observer: PipelineObserver | None = None,
     ):
         self.layers = dict(layers)
+        self.observer = observer if observer is not None else NoObserver()
         self._table = table
         self.transport = transport
-        self.chooser = chooser
+        self.chooser = chooser if chooser is not None else LeastLoadedReplica()
+        self.health = health if health is not None else HostHealth()
+        # Rows routed per expert since start: [experts] int64 per layer (load for status and placement).
+        self.tokens_routed = {
+            layer: torch.zeros(spec.num_experts, dtype=torch.int64) for layer, spec in layers.items()
+        }
         self._executor = executor or torch_executor(2, "moemesh-router")
 
     @property
@@ -151,12 +199,20 @@ class SparseMoE:
         deadline = None if timeout is None else time.monotonic() + timeout
         spec = self.layers[layer]
         table = self._table
+        facts = ForwardFacts(layer, int(hidden.shape[0]), policy)
+        observe = self.observer.stage
 
         # gate + plan + pack: one executor hop.
         def prepare() -> tuple[Routing, DispatchPlan, list[torch.Tensor]]:
-            routing = self.gate(layer, hidden, policy)
-            dispatch_plan = plan(routing, layer, spec.num_experts, table, self.chooser)
-            return routing, dispatch_plan, [pack(hidden, b) for b in dispatch_plan.batches]
+            with observe("gate", facts):
+                routing = facts.routing = self.gate(layer, hidden, policy)
+            with observe("plan", facts):
+                dispatch_plan = plan(
+                    routing, layer, spec.num_experts, table, self.chooser, self.health.down()
+                )
+                self.tokens_routed[layer] += dispatch_plan.tokens_per_expert
+                facts.plan = dispatch_plan
+                return routing, dispatch_plan, [pack(hidden, b) for b in dispatch_plan.batches]
 
         routing, dispatch_plan, packed = await self.run(prepare)
 
@@ -164,12 +220,16 @@ class SparseMoE:
         shared = asyncio.ensure_future(self.run(spec.shared, hidden)) if spec.shared else None
         attempt = _Attempt()
         try:
-            results = await asyncio.gather(
-                *(
-                    self._dispatch(b, rows, hidden, table, deadline, attempt)
-                    for b, rows in zip(dispatch_plan.batches, packed)
-                )
-            )
+            with observe("dispatch", facts):
+                try:
+                    results = await asyncio.gather(
+                        *(
+                            self._dispatch(b, rows, hidden, table, deadline, attempt)
+                            for b, rows in zip(dispatch_plan.batches, packed)
+                        )
+                    )
+                finally:
+                    facts.retries, facts.failed_hosts = attempt.retries, tuple(sorted(attempt.failed))
         except BaseException:
             if shared is not None:
                 shared.cancel()
@@ -186,7 +246,8 @@ class SparseMoE:
                 out += shared_out.to(torch.float32)
             return out.to(hidden.dtype)
 
-        out = await self.run(finish)
+        with observe("combine", facts):
+            out = await self.run(finish)
         return ForwardResult(out, routing, dispatch_plan, attempt.retries, tuple(sorted(attempt.failed)))
 
     async def _dispatch(
@@ -206,17 +267,23 @@ class SparseMoE:
             out = await self.transport.compute(batch.host, batch.segments, rows, remaining)
             return [(batch, out)]
         except HostUnavailable:
+            self.health.mark_down(batch.host)
             attempt.failed.add(batch.host)
-            moved = replan(batch, table, self.chooser, frozenset(attempt.failed))
+            moved = replan(batch, table, self.chooser, frozenset(attempt.failed) | self.health.down())
             attempt.retries += len(moved)
+            DISPATCH_RETRY.set(True)
+        finally:
+            self.chooser.release(batch.host, batch.num_rows)
         nested = await asyncio.gather(
             *(self._dispatch(b, pack(hidden, b), hidden, table, deadline, attempt) for b in moved)
         )
         return [pair for pairs in nested for pair in pairs]
 
     async def run(self, fn: Callable, *args):
-        """Run torch work `fn(*args)` on the router executor, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Run torch work `fn(*args)` on the router executor, off the event loop, in the caller's
+        contextvars context (so that observers there see the caller's current span)."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, context.run, fn, *args)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)

@@ -1,4 +1,5 @@
-"""One way to build a moemesh gRPC server: servicers, health, reflection, limits, graceful stop.
+"""One way to build a moemesh gRPC server: servicers, health, reflection, limits, graceful stop,
+and a span plus RPC metrics for every call (services/telemetry.py).
 
 Used by the CLI, the local mesh, Ray actors and tests alike:
 
@@ -11,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .errors import ErrorInterceptor
+from .telemetry import Telemetry, TelemetryInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +98,17 @@ async def start_server(
     config: ServerConfig,
     services: Sequence[Service],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    telemetry: Telemetry | None = None,
+    span_attributes: Mapping[str, Any] | None = None,
 ) -> RunningServer:
-    """Build, bind and start a server; returns once it accepts calls on `config.port` (0 = any)."""
+    """Build, bind and start a server; returns once it accepts calls on `config.port` (0 = any).
+
+    Every moemesh RPC gets a SERVER span and RPC metrics from `telemetry` (default: the global
+    tracer provider, no metrics), with `span_attributes` on each span (e.g. `moemesh.host`).
+    """
+    observing = TelemetryInterceptor(telemetry or Telemetry(), span_attributes)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), *interceptors],
+        interceptors=[observing, ErrorInterceptor(), *interceptors],
         options=channel_options(config.max_message_bytes),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -111,6 +121,7 @@ async def start_server(
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
+    observing.server_address = f"{config.host}:{port}"
     await server.start()
     for name in (*names, ""):
         await _set_status(health_servicer, name, health_pb2.HealthCheckResponse.SERVING)

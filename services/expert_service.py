@@ -1,6 +1,8 @@
 """Expert.Compute and Expert.Info: a thin servicer over `moemesh.experts.ffn.ExpertBank`.
 
 decode rows + segments → bank.compute on the executor (never on the event loop) → encode.
+The wait for the executor and the compute are reported as `moemesh.queue_wait` and
+`moemesh.compute` spans under the call's server span (and as queue metrics).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from moemesh.router.pipeline import torch_executor
 
 from . import codec
 from .bootstrap import Service
+from .telemetry import ComputeTelemetry, Telemetry
 
 SERVICE_NAME = "moemesh.v1.Expert"
 
@@ -23,11 +26,26 @@ SERVICE_NAME = "moemesh.v1.Expert"
 class ExpertServicer(pb_grpc.ExpertServicer):
     """Serves the experts of one ExpertBank under `host_id`."""
 
-    def __init__(self, host_id: str, bank: ExpertBank, model: str, executor: Executor | None = None):
+    def __init__(
+        self,
+        host_id: str,
+        bank: ExpertBank,
+        model: str,
+        executor: Executor | None = None,
+        node: str = "",
+        relative_speed: float = 1.0,
+        telemetry: Telemetry | None = None,
+    ):
         self.host_id = host_id
         self.bank = bank
         self.model = model
+        self.node = node
+        self.relative_speed = relative_speed
+        self.rows_served = 0  # rows computed since start (status, failover checks)
         self._executor = executor or torch_executor(1, "moemesh-expert")
+        self._telemetry = ComputeTelemetry(
+            telemetry or Telemetry(), bank.device, dtype_name(bank.dtype), lambda: bank.nbytes
+        )
 
     def _compute(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
         rows = codec.decode_tensor(request.rows, "rows", rank=2)
@@ -44,11 +62,14 @@ class ExpertServicer(pb_grpc.ExpertServicer):
             raise
         except ValueError as err:
             raise codec.InvalidArgument("segments", str(err)) from err
-        return pb.ComputeResponse(rows=codec.encode_tensor(self.bank.compute(spans, rows)))
+        out = self.bank.compute(spans, rows)
+        self.rows_served += sum(s.count for s in spans)
+        return pb.ComputeResponse(rows=codec.encode_tensor(out))
 
     async def Compute(self, request: pb.ComputeRequest, context) -> pb.ComputeResponse:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._compute, request)
+        with self._telemetry.queued(request) as timing:
+            return await loop.run_in_executor(self._executor, timing.run, self._compute, request)
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -57,6 +78,8 @@ class ExpertServicer(pb_grpc.ExpertServicer):
             dtype=dtype_name(self.bank.dtype),
             experts=[pb.ExpertRef(layer=layer, expert=expert) for layer, expert in self.bank.experts],
             model=self.model,
+            node=self.node,
+            relative_speed=self.relative_speed,
         )
 
     def service(self) -> Service:

@@ -26,6 +26,7 @@ from moemesh.router.pipeline import MoELayer, SparseMoE
 
 from . import codec
 from .bootstrap import DEFAULT_MAX_MESSAGE_BYTES, Service, channel_options
+from .telemetry import Telemetry, client_call
 
 SERVICE_NAME = "moemesh.v1.Router"
 
@@ -40,6 +41,8 @@ class HostDescription:
     dtype: str
     experts: tuple[tuple[int, int], ...]
     model: str = ""
+    node: str = ""
+    relative_speed: float = 1.0
 
 
 def gate_config(spec: ModelSpec, num_experts: int) -> GateConfig:
@@ -97,14 +100,21 @@ def routing_table(hosts: Sequence[HostDescription]) -> RoutingTable:
 
 
 async def describe_hosts(
-    addresses: Sequence[str], timeout: float = 30.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    addresses: Sequence[str],
+    timeout: float = 30.0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    telemetry: Telemetry | None = None,
 ) -> list[HostDescription]:
     """Ask each expert host what it serves (waiting for it to come up, up to `timeout`)."""
+    tracer = (telemetry or Telemetry()).tracer()
 
     async def one(address: str) -> HostDescription:
         async with grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes)) as channel:
             stub = pb_grpc.ExpertStub(channel)
-            info = await stub.Info(pb.InfoRequest(), timeout=timeout, wait_for_ready=True)
+            with client_call(tracer, "/moemesh.v1.Expert/Info", address) as call:
+                info = await stub.Info(
+                    pb.InfoRequest(), timeout=timeout, wait_for_ready=True, metadata=call.metadata
+                )
         return HostDescription(
             host_id=info.host_id,
             address=address,
@@ -112,6 +122,8 @@ async def describe_hosts(
             dtype=info.dtype,
             experts=tuple((e.layer, e.expert) for e in info.experts),
             model=info.model,
+            node=info.node,
+            relative_speed=info.relative_speed or 1.0,
         )
 
     return list(await asyncio.gather(*(one(a) for a in addresses)))
@@ -211,6 +223,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                 routing_family=self.spec.family,
                 shared_experts=1 if ls.shared_intermediate_size else 0,
                 intermediate_size=ls.intermediate_size,
+                tokens_routed=self.moe.tokens_routed[ls.layer].tolist(),
             )
             for ls in self.spec.layers
         ]
@@ -221,6 +234,9 @@ class RouterServicer(pb_grpc.RouterServicer):
                 device=h.device,
                 dtype=h.dtype,
                 experts=[pb.ExpertRef(layer=layer, expert=e) for layer, e in h.experts],
+                node=h.node,
+                relative_speed=h.relative_speed,
+                healthy=not self.moe.health.is_down(h.host_id),
             )
             for h in self.hosts
         ]

@@ -19,11 +19,12 @@ import torch
 from moemesh.experts.ffn import ExpertBank, RowSpan
 from moemesh.protos import moemesh_pb2 as pb
 from moemesh.router.dispatch import Segment
-from moemesh.router.pipeline import DeadlineExceeded, HostUnavailable, torch_executor
+from moemesh.router.pipeline import DISPATCH_RETRY, DeadlineExceeded, HostUnavailable, torch_executor
 
 from . import codec
 from .bootstrap import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from .errors import HostError
+from .telemetry import HOST_ATTRIBUTE, ClientCall, Telemetry, client_call
 
 COMPUTE_METHOD = "/moemesh.v1.Expert/Compute"
 # Statuses after which the same work can succeed on another replica.
@@ -43,10 +44,20 @@ class WireStats:
 
 
 class GrpcTransport:
-    """Calls expert hosts over gRPC. `addresses` maps host id -> "host:port"."""
+    """Calls expert hosts over gRPC. `addresses` maps host id -> "host:port".
 
-    def __init__(self, addresses: Mapping[str, str], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    Each call is a CLIENT span (`telemetry`'s tracer; default the global one) whose context
+    travels to the host in the call's metadata.
+    """
+
+    def __init__(
+        self,
+        addresses: Mapping[str, str],
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        telemetry: Telemetry | None = None,
+    ):
         self.addresses = dict(addresses)
+        self._tracer = (telemetry or Telemetry()).tracer()
         self.stats = WireStats()
         self._options = channel_options(max_message_bytes)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -78,15 +89,37 @@ class GrpcTransport:
     async def compute(
         self, host: str, segments: Sequence[Segment], rows: torch.Tensor, timeout: float | None
     ) -> torch.Tensor:
+        attributes = {
+            HOST_ATTRIBUTE: host,  # the replica chosen for these segments
+            "moemesh.rows": int(rows.shape[0]),
+            "moemesh.segments": len(segments),
+            "moemesh.retry": DISPATCH_RETRY.get(),
+        }
+        with client_call(self._tracer, COMPUTE_METHOD, self.addresses.get(host, ""), attributes) as call:
+            return await self._compute(host, segments, rows, timeout, call)
+
+    async def _compute(
+        self,
+        host: str,
+        segments: Sequence[Segment],
+        rows: torch.Tensor,
+        timeout: float | None,
+        call: ClientCall,
+    ) -> torch.Tensor:
         request = pb.ComputeRequest(segments=codec.encode_segments(segments), rows=codec.encode_tensor(rows))
+        if call.recording:
+            call.set("moemesh.experts", [s.expert for s in segments])
+            call.set("moemesh.bytes_sent", request.ByteSize())
         try:
-            reply = await self._call(host)(request, timeout=timeout)
+            reply = await self._call(host)(request, timeout=timeout, metadata=call.metadata)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceeded(f"expert host {host} did not answer in time") from err
             if err.code() in _RETRYABLE:
                 raise HostUnavailable(host, err.details() or err.code().name) from err
             raise HostError(host, err.code(), err.details() or "") from err
+        if call.recording:
+            call.set("moemesh.bytes_received", reply.ByteSize())
         out = codec.decode_tensor(reply.rows, "rows", rank=2)
         if tuple(out.shape) != tuple(rows.shape):
             raise HostError(
