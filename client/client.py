@@ -8,6 +8,7 @@ with Client("127.0.0.1:50051") as mesh:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
@@ -133,7 +134,30 @@ def _forward_result(reply: pb.ForwardResponse, return_routing: bool):
     return (out, codec.decode_routing(reply.routing)) if return_routing else out
 
 
-class Client:
+class _Base:
+    """What both clients share: address, default deadline, tracer, and how a call is made."""
+
+    def __init__(self, address: str, timeout: float | None, tracer_provider):
+        self.address = address
+        self.timeout = timeout
+        # Each call is a CLIENT span (tracer_provider's, default the global one) whose context
+        # travels to the router in the call's metadata.
+        self._tracer = Telemetry(tracer_provider).tracer()
+
+    @contextmanager
+    def _rpc(self, method: str, attributes=None):
+        """Span around the call; a grpc.RpcError leaves as the typed error, keeping its cause."""
+        try:
+            with client_call(self._tracer, method, self.address, attributes) as call:
+                yield call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+
+class Client(_Base):
     """Blocking client. `timeout` (seconds) is the default deadline of every call."""
 
     def __init__(
@@ -143,11 +167,7 @@ class Client:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tracer_provider=None,
     ):
-        self.address = address
-        self.timeout = timeout
-        # Each call is a CLIENT span (tracer_provider's, default the global one) whose context
-        # travels to the router in the call's metadata.
-        self._tracer = Telemetry(tracer_provider).tracer()
+        super().__init__(address, timeout, tracer_provider)
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.RouterStub(self._channel)
 
@@ -161,12 +181,8 @@ class Client:
     ):
         """hidden: [tokens, hidden_size] -> the MoE layer's output (and the Routing, if asked)."""
         request = _forward_request(hidden, layer, policy, return_routing)
-        attributes = _span_attributes(hidden, layer, policy)
-        try:
-            with client_call(self._tracer, FORWARD, self.address, attributes) as c:
-                reply = self._stub.Forward(request, timeout=timeout or self.timeout, metadata=c.metadata)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        with self._rpc(FORWARD, _span_attributes(hidden, layer, policy)) as c:
+            reply = self._stub.Forward(request, timeout=self._deadline(timeout), metadata=c.metadata)
         return _forward_result(reply, return_routing)
 
     def route(
@@ -178,22 +194,16 @@ class Client:
     ) -> Routing:
         """hidden: [tokens, hidden_size] -> chosen experts and weights, without running experts."""
         request = _route_request(hidden, layer, policy)
-        attributes = _span_attributes(hidden, layer, policy)
-        try:
-            with client_call(self._tracer, ROUTE, self.address, attributes) as c:
-                reply = self._stub.Route(request, timeout=timeout or self.timeout, metadata=c.metadata)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        with self._rpc(ROUTE, _span_attributes(hidden, layer, policy)) as c:
+            reply = self._stub.Route(request, timeout=self._deadline(timeout), metadata=c.metadata)
         return codec.decode_routing(reply.routing)
 
     def topology(self, timeout: float | None = None) -> Topology:
-        try:
-            with client_call(self._tracer, GET_TOPOLOGY, self.address) as c:
-                reply = self._stub.GetTopology(
-                    pb.GetTopologyRequest(), timeout=timeout or self.timeout, metadata=c.metadata
-                )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        """The router's layers, expert hosts and observed load."""
+        with self._rpc(GET_TOPOLOGY) as c:
+            reply = self._stub.GetTopology(
+                pb.GetTopologyRequest(), timeout=self._deadline(timeout), metadata=c.metadata
+            )
         return _topology(reply)
 
     def close(self) -> None:
@@ -206,7 +216,7 @@ class Client:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_Base):
     """asyncio client with the same methods as `Client`, as coroutines."""
 
     def __init__(
@@ -216,11 +226,7 @@ class AsyncClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tracer_provider=None,
     ):
-        self.address = address
-        self.timeout = timeout
-        # Each call is a CLIENT span (tracer_provider's, default the global one) whose context
-        # travels to the router in the call's metadata.
-        self._tracer = Telemetry(tracer_provider).tracer()
+        super().__init__(address, timeout, tracer_provider)
         self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.RouterStub(self._channel)
 
@@ -233,14 +239,8 @@ class AsyncClient:
         timeout: float | None = None,
     ):
         request = _forward_request(hidden, layer, policy, return_routing)
-        attributes = _span_attributes(hidden, layer, policy)
-        try:
-            with client_call(self._tracer, FORWARD, self.address, attributes) as c:
-                reply = await self._stub.Forward(
-                    request, timeout=timeout or self.timeout, metadata=c.metadata
-                )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        with self._rpc(FORWARD, _span_attributes(hidden, layer, policy)) as c:
+            reply = await self._stub.Forward(request, timeout=self._deadline(timeout), metadata=c.metadata)
         return _forward_result(reply, return_routing)
 
     async def route(
@@ -251,22 +251,15 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> Routing:
         request = _route_request(hidden, layer, policy)
-        attributes = _span_attributes(hidden, layer, policy)
-        try:
-            with client_call(self._tracer, ROUTE, self.address, attributes) as c:
-                reply = await self._stub.Route(request, timeout=timeout or self.timeout, metadata=c.metadata)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        with self._rpc(ROUTE, _span_attributes(hidden, layer, policy)) as c:
+            reply = await self._stub.Route(request, timeout=self._deadline(timeout), metadata=c.metadata)
         return codec.decode_routing(reply.routing)
 
     async def topology(self, timeout: float | None = None) -> Topology:
-        try:
-            with client_call(self._tracer, GET_TOPOLOGY, self.address) as c:
-                reply = await self._stub.GetTopology(
-                    pb.GetTopologyRequest(), timeout=timeout or self.timeout, metadata=c.metadata
-                )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        with self._rpc(GET_TOPOLOGY) as c:
+            reply = await self._stub.GetTopology(
+                pb.GetTopologyRequest(), timeout=self._deadline(timeout), metadata=c.metadata
+            )
         return _topology(reply)
 
     async def close(self) -> None:

@@ -27,6 +27,8 @@ from .errors import HostError
 from .telemetry import HOST_ATTRIBUTE, ClientCall, Telemetry, client_call
 
 COMPUTE_METHOD = "/moemesh.v1.Expert/Compute"
+# Messages with at least this many tensor bytes are built and parsed off the event loop.
+OFFLOAD_BYTES = 256 * 1024
 # Statuses after which the same work can succeed on another replica.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
 
@@ -62,16 +64,35 @@ class GrpcTransport:
         self._options = channel_options(max_message_bytes)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._codec = torch_executor(2, "moemesh-codec")
 
-    def _serialize(self, msg: pb.ComputeRequest) -> bytes:
-        data = msg.SerializeToString()
+    # Messages are built and parsed on the codec executor; gRPC only moves (and counts) the bytes.
+    def _sent(self, data: bytes) -> bytes:
         self.stats.calls += 1
         self.stats.bytes_sent += len(data)
         return data
 
-    def _deserialize(self, data: bytes) -> pb.ComputeResponse:
+    def _received(self, data: bytes) -> bytes:
         self.stats.bytes_received += len(data)
-        return pb.ComputeResponse.FromString(data)
+        return data
+
+    @staticmethod
+    def _encode(segments: Sequence[Segment], rows: torch.Tensor) -> bytes:
+        request = pb.ComputeRequest(segments=codec.encode_segments(segments), rows=codec.encode_tensor(rows))
+        return request.SerializeToString()
+
+    @staticmethod
+    def _decode(data: bytes, host: str, shape: torch.Size) -> torch.Tensor:
+        out = codec.decode_tensor(pb.ComputeResponse.FromString(data).rows, "rows", rank=2)
+        if tuple(out.shape) != tuple(shape):
+            raise HostError(host, grpc.StatusCode.INTERNAL, f"reply shape {list(out.shape)} != {list(shape)}")
+        return out
+
+    async def _offload(self, nbytes: int, fn, *args):
+        """Run `fn` on the codec executor when it copies enough bytes to stall the event loop."""
+        if nbytes < OFFLOAD_BYTES:
+            return fn(*args)  # a thread hop would cost more than the copy
+        return await asyncio.get_running_loop().run_in_executor(self._codec, fn, *args)
 
     def _call(self, host: str) -> grpc.aio.UnaryUnaryMultiCallable:
         call = self._calls.get(host)
@@ -81,7 +102,7 @@ class GrpcTransport:
             channel = grpc.aio.insecure_channel(self.addresses[host], options=self._options)
             self._channels[host] = channel
             call = channel.unary_unary(
-                COMPUTE_METHOD, request_serializer=self._serialize, response_deserializer=self._deserialize
+                COMPUTE_METHOD, request_serializer=self._sent, response_deserializer=self._received
             )
             self._calls[host] = call
         return call
@@ -106,10 +127,11 @@ class GrpcTransport:
         timeout: float | None,
         call: ClientCall,
     ) -> torch.Tensor:
-        request = pb.ComputeRequest(segments=codec.encode_segments(segments), rows=codec.encode_tensor(rows))
+        nbytes = rows.numel() * rows.element_size()
+        request = await self._offload(nbytes, self._encode, segments, rows)
         if call.recording:
             call.set("moemesh.experts", [s.expert for s in segments])
-            call.set("moemesh.bytes_sent", request.ByteSize())
+            call.set("moemesh.bytes_sent", len(request))
         try:
             reply = await self._call(host)(request, timeout=timeout, metadata=call.metadata)
         except grpc.aio.AioRpcError as err:
@@ -119,13 +141,8 @@ class GrpcTransport:
                 raise HostUnavailable(host, err.details() or err.code().name) from err
             raise HostError(host, err.code(), err.details() or "") from err
         if call.recording:
-            call.set("moemesh.bytes_received", reply.ByteSize())
-        out = codec.decode_tensor(reply.rows, "rows", rank=2)
-        if tuple(out.shape) != tuple(rows.shape):
-            raise HostError(
-                host, grpc.StatusCode.INTERNAL, f"reply shape {list(out.shape)} != {list(rows.shape)}"
-            )
-        return out
+            call.set("moemesh.bytes_received", len(reply))
+        return await self._offload(nbytes, self._decode, reply, host, rows.shape)
 
     def set_address(self, host: str, address: str) -> None:
         """Point `host` at a new address (after a restart); the old channel is closed lazily."""
@@ -138,6 +155,7 @@ class GrpcTransport:
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
         self._channels.clear()
+        self._codec.shutdown(wait=False)
         self._calls.clear()
 
 
