@@ -116,6 +116,11 @@ def parse_devices(text: str) -> dict[str, float]:
     return out
 
 
+def _otel_env() -> dict[str, str]:
+    """The standard OTEL_* settings of this process, for the actors it starts to report alike."""
+    return {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
+
+
 def _ray_config(args: argparse.Namespace):
     from .ray_mesh import RayMeshConfig
 
@@ -132,8 +137,7 @@ def _ray_config(args: argparse.Namespace):
         router_port=args.port,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         metrics_port=args.metrics_port,
-        # The actors report traces where this process would: pass on the standard OTEL_* settings.
-        env={k: v for k, v in os.environ.items() if k.startswith("OTEL_")},
+        env=_otel_env(),
     )
 
 
@@ -236,6 +240,7 @@ def _demo(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device=args.device,
             seed=args.seed,
+            env=_otel_env(),
         )
     )
 

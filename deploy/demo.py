@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +42,7 @@ class DemoConfig:
     dtype: str = "float32"
     device: str = "auto"
     seed: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)  # for the actors, e.g. OTEL_* settings
 
 
 def dense_reference(source: WeightSource, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -76,6 +78,7 @@ def run_demo(cfg: DemoConfig) -> int:
         resources={f"{DEVICE_RESOURCE_PREFIX}CPU": cfg.num_hosts},
         device=cfg.device,
         dtype=cfg.dtype,
+        env=cfg.env,
     )
     print("starting an embedded local Ray instance and the mesh on it")
     t0 = time.perf_counter()
