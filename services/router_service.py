@@ -175,23 +175,18 @@ class RouterServicer(pb_grpc.RouterServicer):
             bad = int((~torch.isfinite(hidden)).any(dim=1).nonzero()[0])
             raise codec.InvalidArgument("hidden.data", f"expected finite values; token {bad} has NaN or Inf")
 
-    async def _decode(self, layer: int, hidden_msg: pb.Tensor, has_hidden: bool, routing, has_routing: bool):
-        spec = self._layer(layer)
-        hidden = self._hidden(hidden_msg, has_hidden, spec)
-        policy = codec.decode_policy(routing, has_routing)
+    async def _decode(self, request: pb.ForwardRequest | pb.RouteRequest):
+        """layer, hidden and routing override of a Forward or Route request, all checked."""
+        spec = self._layer(request.layer)
+        hidden = self._hidden(request.hidden, request.HasField("hidden"), spec)
+        policy = codec.decode_policy(request.routing, request.HasField("routing"))
         await self.moe.run(self._check_finite, hidden)
         return hidden, policy
 
     # -- RPCs ---------------------------------------------------------------------------------------
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
-        hidden, policy = await self._decode(
-            request.layer,
-            request.hidden,
-            request.HasField("hidden"),
-            request.routing,
-            request.HasField("routing"),
-        )
+        hidden, policy = await self._decode(request)
         result = await self.moe.forward(request.layer, hidden, policy, timeout=context.time_remaining())
 
         def encode() -> pb.ForwardResponse:
@@ -203,13 +198,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         return await self.moe.run(encode)
 
     async def Route(self, request: pb.RouteRequest, context) -> pb.RouteResponse:
-        hidden, policy = await self._decode(
-            request.layer,
-            request.hidden,
-            request.HasField("hidden"),
-            request.routing,
-            request.HasField("routing"),
-        )
+        hidden, policy = await self._decode(request)
         routing = await self.moe.route(request.layer, hidden, policy)
         return pb.RouteResponse(routing=codec.encode_routing(routing))
 
