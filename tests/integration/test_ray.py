@@ -26,6 +26,7 @@ from moemesh.deploy.ray_mesh import RayMesh, RayMeshConfig, find_router  # noqa:
 from moemesh.experts.weights import open_source  # noqa: E402
 from moemesh.services.otlp_receiver import ReceiverThread  # noqa: E402
 from tests.references import dense_reference  # noqa: E402
+from tests.support import start_local_ray  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -36,17 +37,23 @@ RESOURCES = {"device:H100": 1, "device:A100-80G": 2}
 
 
 @pytest.fixture(scope="module")
-def receiver():
+def local_ray():
+    start_local_ray(num_cpus=4, resources=RESOURCES, namespace="moemesh")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def receiver(local_ray):
     """An OTLP receiver the actors export their spans to (they get the OTEL_* env from the deployer)."""
     with ReceiverThread() as r:
         yield r
 
 
 @pytest.fixture(scope="module")
-def mesh(receiver):
-    ray.init(
-        num_cpus=4, resources=RESOURCES, include_dashboard=False, log_to_driver=False, namespace="moemesh"
-    )
+def mesh(local_ray, receiver):
     # replicas=16: every one of the 16 experts gets a second copy on another device.
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     config = RayMeshConfig(MODEL, device="cpu", replicas=16, max_restarts=3, health_interval_s=1.0, env=env)
@@ -55,7 +62,6 @@ def mesh(receiver):
         yield m
     finally:
         m.close()
-        ray.shutdown()
 
 
 def _check(source, hidden, out, routing):
