@@ -69,6 +69,26 @@ class RayMeshConfig:
     env: Mapping[str, str] = field(default_factory=dict)  # for every actor, e.g. OTEL_* settings
 
 
+def start_local_ray(num_cpus: int | None, resources: Mapping[str, float], namespace: str = NAMESPACE) -> None:
+    """Start an embedded local Ray instance, tried twice: on a loaded small machine the raylet
+    can miss Ray's fixed 30 s registration window ("The current node timed out during startup")."""
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                resources=dict(resources),
+                namespace=namespace,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+            return
+        except Exception as err:
+            if attempt == 2 or "timed out during startup" not in str(err):
+                raise
+            log.warning("local Ray did not start in time; trying once more")
+            ray.shutdown()
+
+
 def _advertised_host(bind: str) -> str:
     return ray.util.get_node_ip_address() if bind == "0.0.0.0" else bind
 
@@ -230,13 +250,7 @@ class RayMesh:
         if ray.is_initialized():
             return
         if self.embedded:
-            ray.init(
-                num_cpus=cfg.num_cpus,
-                resources=dict(cfg.resources),
-                namespace=cfg.namespace,
-                include_dashboard=False,
-                log_to_driver=False,
-            )
+            start_local_ray(cfg.num_cpus, cfg.resources, cfg.namespace)
         else:
             ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=False)
         self._started_ray = True

@@ -22,11 +22,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
 from moemesh.client import AsyncClient, Client, UnavailableError  # noqa: E402
-from moemesh.deploy.ray_mesh import RayMesh, RayMeshConfig, find_router  # noqa: E402
+from moemesh.deploy.ray_mesh import RayMesh, RayMeshConfig, find_router, start_local_ray  # noqa: E402
 from moemesh.experts.weights import open_source  # noqa: E402
 from moemesh.services.otlp_receiver import ReceiverThread  # noqa: E402
 from tests.references import dense_reference  # noqa: E402
-from tests.support import start_local_ray  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +37,7 @@ RESOURCES = {"device:H100": 1, "device:A100-80G": 2}
 
 @pytest.fixture(scope="module")
 def local_ray():
-    start_local_ray(num_cpus=4, resources=RESOURCES, namespace="moemesh")
+    start_local_ray(num_cpus=4, resources=RESOURCES)
     try:
         yield
     finally:
