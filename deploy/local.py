@@ -2,7 +2,8 @@
 
 - `EmbeddedMesh`: expert hosts and router in this process, served by a background event loop
   (tests, notebooks, `offload_experts`). Real gRPC servers on 127.0.0.1, port 0.
-- `ProcessMesh`: one OS process per expert host and one for the router (`moemesh up`, the demo).
+- `ProcessMesh`: one OS process per expert host and one for the router, without Ray
+  (`moemesh up --backend processes`).
   Children bind port 0 and report the address through a ready file.
 """
 
