@@ -122,6 +122,7 @@ def _otel_env() -> dict[str, str]:
 
 
 def _ray_config(args: argparse.Namespace):
+    from .planner import load_accelerator_overrides
     from .ray_mesh import RayMeshConfig
 
     embedded = args.address is None
@@ -138,6 +139,7 @@ def _ray_config(args: argparse.Namespace):
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         metrics_port=args.metrics_port,
         env=_otel_env(),
+        accelerators=load_accelerator_overrides(args.accelerators) if args.accelerators else {},
     )
 
 
@@ -355,12 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-restarts", type=int, default=3, help="Ray restarts of a dead expert host (default: 3)"
     )
     p.add_argument(
+        "--accelerators",
+        default=None,
+        help="YAML/JSON overrides of the accelerator table, e.g. {MI300X: {relative_speed: 1.2}}",
+    )
+    p.add_argument(
         "--backend",
         choices=["ray", "processes"],
         default="ray",
         help="ray (default), or one plain OS process per host without Ray",
     )
-    metrics_arg(p, " for the router, PORT+1+i for expert host i (--backend processes)")
+    metrics_arg(p, " for the router, PORT+1+i for expert host i")
     p.set_defaults(run=_up)
 
     p = sub.add_parser("status", help="print the running mesh: experts, replicas, nodes, devices, load")

@@ -278,18 +278,29 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         raise FileNotFoundError(
             f"cluster file {str(path)!r} does not exist; bundled examples: {', '.join(bundled_clusters())}"
         )
+    return ClusterSpec.from_dict(_read_mapping(p), source=str(p))
+
+
+def _read_mapping(p: Path) -> Any:
     text = p.read_text(encoding="utf-8")
     if p.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
-        try:
-            import yaml
-        except ImportError as err:
-            raise RuntimeError(
-                f"reading {p} needs PyYAML (pip install pyyaml), or give a .json file"
-            ) from err
-        data = yaml.safe_load(text)
-    return ClusterSpec.from_dict(data, source=str(p))
+        return json.loads(text)
+    try:
+        import yaml
+    except ImportError as err:
+        raise RuntimeError(f"reading {p} needs PyYAML (pip install pyyaml), or give a .json file") from err
+    return yaml.safe_load(text)
+
+
+def load_accelerator_overrides(path: str | Path) -> dict[str, Any]:
+    """Accelerator table overrides from YAML/JSON: `{NAME: {relative_speed: .., memory_gb: ..}}`,
+    at the top level or under `accelerators:` (so a cluster file works too). Checked at once."""
+    data = _read_mapping(Path(path)) or {}
+    overrides = data.get("accelerators", data) if isinstance(data, Mapping) else None
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"{path}: expected a mapping of accelerator names to fields")
+    merge_accelerators(overrides)  # raises ValueError naming a bad entry
+    return dict(overrides)
 
 
 def _whole(value: Any) -> int:

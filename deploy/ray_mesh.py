@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 import torch
@@ -67,6 +68,7 @@ class RayMeshConfig:
     health_interval_s: float = 5.0
     metrics_port: int = 0  # router's /metrics port; host i uses metrics_port + 1 + i; 0 = no metrics
     env: Mapping[str, str] = field(default_factory=dict)  # for every actor, e.g. OTEL_* settings
+    accelerators: Mapping[str, Any] = field(default_factory=dict)  # overrides of the accelerator table
 
 
 def start_local_ray(num_cpus: int | None, resources: Mapping[str, float], namespace: str = NAMESPACE) -> None:
@@ -257,10 +259,15 @@ class RayMesh:
 
     def make_plan(self) -> PlacementPlan:
         cfg = self.config
-        cluster = cfg.cluster or cluster_from_ray_resources(ray.nodes())
+        overrides = dict(cfg.accelerators)
+        cluster = cfg.cluster or cluster_from_ray_resources(ray.nodes(), accelerators=overrides)
         dtype_bytes = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
         return plan_placement(
-            model_spec(cfg.model), cluster, replicas_budget=cfg.replicas, dtype_bytes=dtype_bytes
+            model_spec(cfg.model),
+            cluster,
+            replicas_budget=cfg.replicas,
+            dtype_bytes=dtype_bytes,
+            accelerators=overrides,
         )
 
     def start(self, timeout_s: float = 300.0) -> RayMesh:

@@ -23,11 +23,16 @@ pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "moemesh.deploy.cli"]
 
 
-def test_up_status_down():
+def test_up_status_down(tmp_path):
+    # A user's override of the accelerator table: here the A100 is said to be twice an H100.
+    overrides = tmp_path / "accelerators.yaml"
+    overrides.write_text("A100-80G:\n  relative_speed: 2.0\n")
     up = subprocess.Popen(
         [
             *CLI,
             "up",
+            "--accelerators",
+            str(overrides),
             "--model",
             "tiny-qwen2-moe",
             "--devices",
@@ -61,7 +66,7 @@ def test_up_status_down():
             topo = client.topology()
             out = client.forward(torch.randn(8, 64), layer=0)
         assert len(topo.hosts) == 2 and out.shape == (8, 64)
-        assert sorted(round(h.relative_speed, 3) for h in topo.hosts)[-1] == 1.0  # the simulated H100
+        assert sorted(round(h.relative_speed, 3) for h in topo.hosts) == [1.0, 2.0]  # H100, overridden A100
 
         down = subprocess.run(
             [*CLI, "down", "--address", "auto"], capture_output=True, text=True, timeout=120

@@ -536,3 +536,18 @@ def test_table_json_and_run_plan(capsys, tmp_path):
 
     assert run_plan(MIXTRAL_64, str(tmp_path / "missing.yaml"), None, json_out=False) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_accelerator_overrides_file_changes_speeds_and_rejects_bad_entries(tmp_path):
+    from moemesh.deploy.planner import load_accelerator_overrides
+
+    good = tmp_path / "acc.yaml"
+    good.write_text("accelerators:\n  MI300X: {relative_speed: 0.5}\n")
+    overrides = load_accelerator_overrides(good)
+    nodes = [{"NodeID": "n1", "Alive": True, "NodeName": "n1", "Resources": {"CPU": 8, "device:MI300X": 1}}]
+    (slot,) = cluster_from_ray_resources(nodes, accelerators=overrides).devices(overrides)
+    assert slot.speed == 0.5
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"NewChip": {"kind": "gpu"}}')
+    with pytest.raises(ValueError, match="NewChip"):
+        load_accelerator_overrides(bad)
