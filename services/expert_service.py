@@ -11,7 +11,7 @@ import asyncio
 from concurrent.futures import Executor
 
 from moemesh.experts.device import dtype_name
-from moemesh.experts.ffn import ExpertBank, RowSpan, UnknownExpert
+from moemesh.experts.ffn import ExpertBank, RowSpan
 from moemesh.protos import moemesh_pb2 as pb
 from moemesh.protos import moemesh_pb2_grpc as pb_grpc
 from moemesh.router.pipeline import torch_executor
@@ -57,12 +57,9 @@ class ExpertServicer(pb_grpc.ExpertServicer):
                 f"expected hidden size {self.bank.hidden_size} (this host's experts), got {rows.shape[1]}",
             )
         try:
-            self.bank.validate(spans, rows)
-        except UnknownExpert:
-            raise
-        except ValueError as err:
+            out = self.bank.compute(spans, rows)  # checks every span before computing any
+        except ValueError as err:  # overlapping or out-of-range spans; UnknownExpert passes through
             raise codec.InvalidArgument("segments", str(err)) from err
-        out = self.bank.compute(spans, rows)
         self.rows_served += sum(s.count for s in spans)
         return pb.ComputeResponse(rows=codec.encode_tensor(out))
 
