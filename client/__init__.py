@@ -1,13 +1,14 @@
-"""moemesh Python SDK.
+"""moemesh Python SDK: clients of the Router service, typed errors, `RemoteMoE` for torch models.
+Imports only the contract (`moemesh.protos`), grpc and torch; no server machinery.
 
 from moemesh.client import Client, RoutingPolicy, RoutingMode
 with Client("127.0.0.1:50051") as mesh:
     out = mesh.forward(hidden, layer=0)        # hidden: [tokens, hidden_size]
 """
 
-from moemesh.router.gating import Routing, RoutingMode, RoutingPolicy
+from moemesh.protos.spec import Routing, RoutingMode, RoutingPolicy, Topology
 
-from .client import AsyncClient, Client, Topology
+from .client import AsyncClient, Client
 from .errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -15,7 +16,7 @@ from .errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from .hf import RemoteExperts, offload_experts
+from .hf import RemoteExperts, remote_experts
 from .remote import RemoteMoE
 
 __all__ = [
@@ -24,13 +25,13 @@ __all__ = [
     "DeadlineExceededError",
     "InvalidArgumentError",
     "MoeMeshError",
-    "offload_experts",
     "ResourceExhaustedError",
     "Routing",
     "RoutingMode",
     "RoutingPolicy",
     "RemoteExperts",
     "RemoteMoE",
+    "remote_experts",
     "Topology",
     "UnavailableError",
 ]

@@ -1,51 +1,60 @@
-"""Run the experts of a `transformers` MoE model on the mesh.
+"""Run the experts of a `transformers` MoE model on a running mesh.
 
-    model = MixtralForCausalLM.from_pretrained(path)
-    remote = offload_experts(model)              # starts an embedded local mesh with its experts
-    logits = model(input_ids).logits            # experts now run on the mesh
-    remote.close()
+    with Client("router:50051") as mesh, remote_experts(model, mesh):
+        logits = model(input_ids).logits       # every sparse block ran on the mesh
 
-With `address=` the helper connects to a running router that serves the same checkpoint instead.
-Supported: every family `moemesh.experts.model` parses (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-DeepSeek-V3).
+The router must serve the same checkpoint. `moemesh.deploy.offload_experts` does the same with an
+embedded mesh that it starts from the model's own weights.
 """
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import dataclass, field
-
 from torch import nn
 
-from moemesh.experts.model import spec_from_config
-from moemesh.router.gating import RoutingPolicy
+from moemesh.protos.spec import RoutingPolicy
 
 from .client import Client
 from .remote import RemoteMoE
 
-# Attribute that holds the sparse block inside a decoder layer, by family.
-_BLOCK_ATTR = {"mixtral": "mlp", "qwen2_moe": "mlp", "qwen3_moe": "mlp", "olmoe": "mlp", "deepseek_v3": "mlp"}
+BLOCK_ATTR = "mlp"  # where every supported family keeps the sparse block of a decoder layer
 
 
-@dataclass
 class RemoteExperts:
-    """What `offload_experts` set up; `close()` stops an embedded mesh it started."""
+    """The model's sparse blocks swapped for `RemoteMoE`s; `close()` (or leaving the `with`) puts
+    the original blocks back, so the model runs locally again."""
 
-    client: Client
-    layers: tuple[int, ...]
-    mesh: object | None = None
-    _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    def __init__(self, model: nn.Module, client: Client, policy: RoutingPolicy | None = None):
+        topology = client.topology()
+        decoder = _decoder_layers(model)
+        hidden = getattr(model.config, "hidden_size", None)
+        self.client = client
+        self.layers = tuple(ls.layer for ls in topology.layers)
+        self._originals: dict[int, nn.Module] = {}
+        for ls in topology.layers:
+            if ls.layer >= len(decoder) or not hasattr(decoder[ls.layer], BLOCK_ATTR):
+                raise ValueError(f"{type(model).__name__} has no decoder layer {ls.layer} with .{BLOCK_ATTR}")
+            if hidden is not None and hidden != ls.hidden_size:
+                raise ValueError(
+                    f"the router at {client.address} serves {topology.model} with hidden size "
+                    f"{ls.hidden_size}; this model's hidden size is {hidden}"
+                )
+        for index in self.layers:
+            self._originals[index] = getattr(decoder[index], BLOCK_ATTR)
+            setattr(decoder[index], BLOCK_ATTR, RemoteMoE(client, index, policy))
+        self._decoder = decoder
 
     @property
     def address(self) -> str:
         return self.client.address
 
+    def restore(self) -> None:
+        """Put the model's own sparse blocks back (idempotent)."""
+        for index, block in self._originals.items():
+            setattr(self._decoder[index], BLOCK_ATTR, block)
+        self._originals.clear()
+
     def close(self) -> None:
-        self.client.close()
-        if self.mesh is not None:
-            self.mesh.close()
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        self.restore()
 
     def __enter__(self) -> RemoteExperts:
         return self
@@ -62,33 +71,6 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def offload_experts(
-    model: nn.Module,
-    address: str | None = None,
-    num_hosts: int = 3,
-    device: str = "auto",
-    dtype: str = "float32",
-    policy: RoutingPolicy | None = None,
-    timeout: float | None = 60.0,
-) -> RemoteExperts:
-    """Swap every sparse MoE block of `model` for a `RemoteMoE`, in place.
-
-    With no `address`, the model's own weights are written to a temporary checkpoint and an
-    embedded mesh of `num_hosts` expert hosts serves them (the router computes gates and shared
-    experts). The local model keeps its dense parts only.
-    """
-    spec = spec_from_config(model.config.to_dict(), type(model).__name__)
-    attr = _BLOCK_ATTR[spec.family]
-    mesh = tmp = None
-    if address is None:
-        from moemesh.deploy.local import EmbeddedMesh, MeshConfig
-
-        tmp = tempfile.TemporaryDirectory(prefix="moemesh-ckpt-")
-        model.save_pretrained(tmp.name)
-        mesh = EmbeddedMesh(MeshConfig(tmp.name, num_hosts, device, dtype)).start()
-        address = mesh.address
-    client = Client(address, timeout=timeout)
-    decoder = _decoder_layers(model)
-    for index in spec.layer_indices:
-        setattr(decoder[index], attr, RemoteMoE(client, index, policy))
-    return RemoteExperts(client, tuple(spec.layer_indices), mesh, tmp)
+def remote_experts(model: nn.Module, client: Client, policy: RoutingPolicy | None = None) -> RemoteExperts:
+    """Swap every sparse MoE block that `client`'s router serves for a `RemoteMoE`, in place."""
+    return RemoteExperts(model, client, policy)

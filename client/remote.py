@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moemesh.router.gating import RoutingPolicy
+from moemesh.protos.spec import RoutingPolicy
 
 from .client import Client
 

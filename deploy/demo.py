@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 import torch
 
 from moemesh.client import Client
-from moemesh.experts.device import parse_dtype, resolve_device
+from moemesh.experts.device import resolve_device
 from moemesh.experts.ffn import ExpertBank, ffn
 from moemesh.experts.weights import WeightSource, open_source
+from moemesh.protos.spec import parse_dtype
 from moemesh.router.dispatch import RoutingTable
 from moemesh.router.gating import route
 from moemesh.router.pipeline import SparseMoE
-from moemesh.services.router_service import build_layers
+from moemesh.services.launch import build_layers
 from moemesh.services.transport import InProcessTransport
 
 from .planner import DEVICE_RESOURCE_PREFIX
@@ -68,7 +69,7 @@ def run_demo(cfg: DemoConfig) -> int:
     source = open_source(cfg.model)
     layer = source.spec.layers[0].layer
     hidden_size = source.spec.layers[0].hidden_size
-    dtype = getattr(torch, cfg.dtype)
+    dtype = parse_dtype(cfg.dtype)
     print(
         f"moemesh demo: {cfg.model}, {cfg.num_hosts} expert hosts, {cfg.tokens} tokens per batch, {cfg.dtype}"
     )
@@ -130,7 +131,7 @@ async def _in_process_tokens_per_s(
     source: WeightSource, layer: int, hidden: torch.Tensor, cfg: DemoConfig
 ) -> float:
     """The compute limit: the same sparse path with every expert in this process, no network."""
-    experts = [(ls.layer, e) for ls in source.spec.layers for e in range(ls.num_experts)]
+    experts = source.spec.expert_keys()
     bank = ExpertBank.from_source(source, experts, resolve_device(cfg.device), parse_dtype(cfg.dtype))
     transport = InProcessTransport({"local": bank})
     moe = SparseMoE(build_layers(source), RoutingTable({key: ["local"] for key in experts}), transport)

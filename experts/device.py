@@ -1,30 +1,17 @@
 """Which device and dtype an expert host computes on, from the names a user types.
 
 AMD GPUs appear to torch (ROCm builds) as "cuda" devices, Intel GPUs as "xpu", Apple GPUs as
-"mps"; "auto" picks the first of those torch can use, else the CPU.
+"mps"; "auto" picks the first of those torch can use, else the CPU. Dtype names live in
+`moemesh.protos.spec` (`parse_dtype`, `dtype_name`).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 _AUTO_ORDER: tuple[str, ...] = ("cuda", "xpu", "mps", "cpu")
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-_DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-}
-
 
 def _available(kind: str) -> bool:
     """Whether torch can use devices of this type in this process."""
@@ -81,25 +68,6 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """Name to dtype: "float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16" (or such a torch.dtype)."""
-    if isinstance(name, torch.dtype):
-        if name in _DTYPE_NAMES:
-            return name
-        raise ValueError(f"dtype {name} is not supported; use one of {sorted(set(_DTYPE_NAMES.values()))}")
-    key = name.strip().lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported; use one of {list(_DTYPES)}")
-    return _DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.float32 -> "float32" (the canonical name parse_dtype accepts and the wire uses)."""
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"dtype {dtype} is not supported; use one of {list(_DTYPE_NAMES.values())}")
-    return _DTYPE_NAMES[dtype]
-
-
 def device_healthy(device: torch.device) -> bool:
     """A tiny matmul on `device` and back: False when the device errors (lost, reset, ECC, ...)."""
     try:
@@ -107,3 +75,16 @@ def device_healthy(device: torch.device) -> bool:
         return bool((x @ x).sum().item() == 64.0)
     except RuntimeError:
         return False
+
+
+def torch_executor(max_workers: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool for torch work that keeps the process's intra-op thread count.
+
+    OpenMP's thread count is per thread: pool threads would otherwise start with one OpenMP thread
+    per core whatever `torch.set_num_threads` said, and several processes sharing a machine then
+    oversubscribe it (measured: 5x slower forwards on a 2-core local mesh).
+    """
+    threads = torch.get_num_threads()
+    return ThreadPoolExecutor(
+        max_workers, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,)
+    )

@@ -1,7 +1,7 @@
 """Expert FFN math on a host's device and dtype: many experts, many rows, one call.
 
-A request packs the rows of many experts into one tensor `rows: [R, hidden]`; `RowSpan`s say
-which rows belong to which (layer, expert). `ExpertBank.compute` validates every span first,
+A request packs the rows of many experts into one tensor `rows: [R, hidden]`; `Segment`s say
+which rows belong to which (layer, expert). `ExpertBank.compute` validates every segment first,
 then runs each expert once over all of its rows and returns `[R, hidden]`.
 """
 
@@ -14,22 +14,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .model import SUPPORTED_ACTIVATIONS, describe_experts
+from moemesh.protos.spec import ExpertKey, Segment, check_segments, describe_experts
+
+from .model import SUPPORTED_ACTIVATIONS
 from .weights import FFNWeights, WeightSource
 
 
-@dataclass(frozen=True)
-class RowSpan:
-    """Rows [start, start + count) of a packed tensor go through expert `expert` of layer `layer`."""
-
-    layer: int
-    expert: int
-    start: int
-    count: int
-
-
 class UnknownExpert(KeyError):
-    """A span names an expert that this bank does not hold."""
+    """A segment names an expert that this bank does not hold."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
@@ -86,7 +78,7 @@ class ExpertBank:
 
     def __init__(
         self,
-        weights: dict[tuple[int, int], FFNWeights],
+        weights: dict[ExpertKey, FFNWeights],
         activation: str | dict[int, str],
         device: torch.device,
         dtype: torch.dtype,
@@ -94,7 +86,7 @@ class ExpertBank:
         """weights: (layer, expert) -> FFNWeights; activation: one name, or one per layer held."""
         self.device = torch.device(device)
         self.dtype = dtype
-        self._experts: dict[tuple[int, int], _Expert] = {}
+        self._experts: dict[ExpertKey, _Expert] = {}
         hidden_sizes = set()
         with torch.no_grad():
             for (layer, expert), w in sorted(weights.items()):
@@ -124,7 +116,7 @@ class ExpertBank:
     def from_source(
         cls,
         source: WeightSource,
-        experts: Iterable[tuple[int, int]],
+        experts: Iterable[ExpertKey],
         device: torch.device,
         dtype: torch.dtype,
     ) -> ExpertBank:
@@ -138,7 +130,7 @@ class ExpertBank:
         return cls(weights, activations, device, dtype)
 
     @property
-    def experts(self) -> list[tuple[int, int]]:
+    def experts(self) -> list[ExpertKey]:
         """The (layer, expert) pairs held, sorted."""
         return sorted(self._experts)
 
@@ -150,8 +142,9 @@ class ExpertBank:
     def holds(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._experts
 
-    def validate(self, spans: Sequence[RowSpan], rows: torch.Tensor) -> None:
-        """Raise before any compute: ValueError for a bad tensor or span, UnknownExpert for an expert not held."""
+    def validate(self, segments: Sequence[Segment], rows: torch.Tensor) -> None:
+        """Raise before any compute: ValueError for a bad tensor or segment, UnknownExpert for an
+        expert not held."""
         if rows.dim() != 2 or not rows.is_floating_point():
             raise ValueError(
                 f"rows must be a 2-D float tensor [rows, hidden]; got {rows.dtype} {list(rows.shape)}"
@@ -160,37 +153,28 @@ class ExpertBank:
             raise ValueError(
                 f"rows have hidden size {rows.shape[1]}; the experts here take {self.hidden_size}"
             )
-        total = rows.shape[0]
-        for i, span in enumerate(spans):
-            if span.count < 1 or span.start < 0 or span.start + span.count > total:
-                raise ValueError(
-                    f"span {i} ({span}) must cover 1 or more rows within [0, {total}); "
-                    f"it covers [{span.start}, {span.start + span.count})"
-                )
-            if (span.layer, span.expert) not in self._experts:
+        check_segments(segments, rows.shape[0])
+        for s in segments:
+            if s.key not in self._experts:
                 raise UnknownExpert(
-                    f"layer {span.layer} expert {span.expert} is not held by this host; "
-                    f"it holds {describe_experts(list(self._experts))}"
+                    f"layer {s.layer} expert {s.expert} is not held by this host; "
+                    f"it holds {describe_experts(self._experts)}"
                 )
-        ordered = sorted(spans, key=lambda s: s.start)
-        for a, b in zip(ordered, ordered[1:], strict=False):
-            if b.start < a.start + a.count:
-                raise ValueError(f"spans overlap: {a} and {b}; each row goes through exactly one expert")
 
-    def compute(self, spans: Sequence[RowSpan], rows: torch.Tensor) -> torch.Tensor:
+    def compute(self, segments: Sequence[Segment], rows: torch.Tensor) -> torch.Tensor:
         """rows: [R, hidden] in any float dtype -> [R, hidden] in rows.dtype; uncovered rows are zero.
 
         Runs under no_grad rather than inference_mode: the result is an ordinary tensor, so callers
         outside inference mode may still update it in place (e.g. scale by routing weights).
         """
-        self.validate(spans, rows)
+        self.validate(segments, rows)
         with torch.no_grad():
             x = rows.to(device=self.device, dtype=self.dtype)  # [R, H]
             out = torch.zeros_like(x)
-            # Concurrent requests may bring several spans for one expert: one matmul per expert.
-            by_expert: dict[tuple[int, int], list[RowSpan]] = {}
-            for span in spans:
-                by_expert.setdefault((span.layer, span.expert), []).append(span)
+            # Concurrent requests may bring several segments for one expert: one matmul per expert.
+            by_expert: dict[ExpertKey, list[Segment]] = {}
+            for s in segments:
+                by_expert.setdefault(s.key, []).append(s)
             for key, group in by_expert.items():
                 expert = self._experts[key]
                 if len(group) == 1:

@@ -1,7 +1,7 @@
 """What a model's MoE layers look like: sizes, activation, routing family, shared experts.
 
-A `ModelSpec` is parsed once from a transformers-style `config.json` (or built by a preset) and
-passed everywhere else; nothing below re-reads the config.
+A `ModelSpec` (moemesh.protos.spec) is parsed once from a transformers-style `config.json` (or
+built by a preset) and passed everywhere else; nothing below re-reads the config.
 
 Parsing follows the transformers implementation of each family (configuration defaults, which
 decoder layers are sparse, how the gate scores and normalises), without importing transformers.
@@ -9,65 +9,10 @@ decoder layers are sparse, how the gate scores and normalises), without importin
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
-
-class UnsupportedModel(ValueError):
-    """The checkpoint's architecture is not one moemesh can serve; the message names the supported ones."""
-
-
-@dataclass(frozen=True)
-class RoutingParams:
-    """Trained routing hyper-parameters as the checkpoint states them."""
-
-    score_function: str  # "softmax" | "sigmoid"
-    top_k: int
-    norm_topk_prob: bool
-    routed_scaling_factor: float = 1.0
-    n_group: int = 1
-    topk_group: int = 1
-    has_correction_bias: bool = False
-
-
-@dataclass(frozen=True)
-class MoELayerSpec:
-    """One sparse MoE block."""
-
-    layer: int  # decoder layer index
-    hidden_size: int
-    intermediate_size: int  # inner size of one routed expert
-    num_experts: int
-    activation: str  # transformers ACT2FN name, e.g. "silu"
-    shared_intermediate_size: int = 0  # 0 = no shared expert
-    shared_gated: bool = False  # Qwen2-MoE: sigmoid(x @ shared_expert_gate) scales the shared expert
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """All sparse layers of a model."""
-
-    name: str
-    family: str  # "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "deepseek_v3"
-    layers: tuple[MoELayerSpec, ...]
-    routing: RoutingParams
-
-    def layer(self, index: int) -> MoELayerSpec:
-        """The sparse block of decoder layer `index`; KeyError if that layer is dense or absent."""
-        for spec in self.layers:
-            if spec.layer == index:
-                return spec
-        raise KeyError(
-            f"layer {index} of model {self.name!r} is not a MoE layer; "
-            f"MoE layers are {list(self.layer_indices)}"
-        )
-
-    @property
-    def layer_indices(self) -> tuple[int, ...]:
-        """Decoder layer indices of the sparse blocks, ascending."""
-        return tuple(spec.layer for spec in self.layers)
-
+from moemesh.protos.spec import GateConfig, ModelSpec, MoELayerSpec, ScoreFunction, UnsupportedModel
 
 SUPPORTED_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
@@ -194,42 +139,29 @@ def _sparse_layers(cfg: _Config, num_layers: int) -> list[int]:
     raise AssertionError(family)
 
 
-def _routing(cfg: _Config, num_experts: int) -> RoutingParams:
+def _gate(cfg: _Config, num_experts: int) -> GateConfig:
+    """The family's trained routing; GateConfig checks it (and names the config keys on failure)."""
     family = cfg.family
     top_k = cfg.positive_int("num_experts_per_tok")
-    if top_k > num_experts:
-        raise ValueError(f"{cfg.name}: num_experts_per_tok={top_k} exceeds the {num_experts} routed experts")
     if family == "mixtral":
         # MixtralTopKRouter always renormalises the top-k probabilities.
-        return RoutingParams(score_function="softmax", top_k=top_k, norm_topk_prob=True)
-    if family in ("qwen2_moe", "qwen3_moe", "olmoe"):
-        return RoutingParams(
-            score_function="softmax", top_k=top_k, norm_topk_prob=bool(cfg.get("norm_topk_prob"))
-        )
-    # deepseek_v3: sigmoid scores, selection bias, group-limited top-k, scaled weights.
-    n_group = cfg.non_negative_int("n_group") or 1
-    topk_group = cfg.non_negative_int("topk_group") or 1
-    if num_experts % n_group:
-        raise ValueError(
-            f"{cfg.name}: {num_experts} routed experts do not split into n_group={n_group} groups"
-        )
-    if topk_group > n_group:
-        raise ValueError(f"{cfg.name}: topk_group={topk_group} exceeds n_group={n_group}")
-    if top_k > topk_group * (num_experts // n_group):
-        raise ValueError(
-            f"{cfg.name}: num_experts_per_tok={top_k} exceeds the {topk_group * (num_experts // n_group)} "
-            f"experts in topk_group={topk_group} groups of {num_experts // n_group}"
-        )
-    scaling = cfg.get("routed_scaling_factor")
-    return RoutingParams(
-        score_function="sigmoid",
-        top_k=top_k,
-        norm_topk_prob=bool(cfg.get("norm_topk_prob")),
-        routed_scaling_factor=float(scaling if scaling is not None else 1.0),
-        n_group=n_group,
-        topk_group=topk_group,
-        has_correction_bias=True,
-    )
+        fields: dict[str, Any] = {"norm_topk_prob": True}
+    elif family in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        fields = {"norm_topk_prob": bool(cfg.get("norm_topk_prob"))}
+    else:  # deepseek_v3: sigmoid scores, selection bias, group-limited top-k, scaled weights.
+        scaling = cfg.get("routed_scaling_factor")
+        fields = {
+            "score_function": ScoreFunction.SIGMOID,
+            "norm_topk_prob": bool(cfg.get("norm_topk_prob")),
+            "routed_scaling_factor": float(scaling if scaling is not None else 1.0),
+            "n_group": cfg.non_negative_int("n_group") or 1,
+            "topk_group": cfg.non_negative_int("topk_group") or 1,
+            "has_correction_bias": True,
+        }
+    try:
+        return GateConfig(num_experts=num_experts, top_k=top_k, **fields)
+    except ValueError as err:
+        raise ValueError(f"{cfg.name}: {err} (top_k is the config's num_experts_per_tok)") from None
 
 
 def _shared(cfg: _Config) -> tuple[int, bool]:
@@ -270,38 +202,17 @@ def spec_from_config(config: Mapping[str, Any], name: str) -> ModelSpec:
     indices = _sparse_layers(cfg, cfg.positive_int("num_hidden_layers"))
     if not indices:
         raise UnsupportedModel(f"{name}: the {family} config declares no sparse MoE layers; nothing to serve")
+    gate = _gate(cfg, num_experts)
     layers = tuple(
         MoELayerSpec(
             layer=i,
             hidden_size=hidden,
             intermediate_size=inner,
-            num_experts=num_experts,
             activation=activation,
+            gate=gate,
             shared_intermediate_size=shared_size,
             shared_gated=shared_gated,
         )
         for i in indices
     )
-    return ModelSpec(name=name, family=family, layers=layers, routing=_routing(cfg, num_experts))
-
-
-def describe_experts(pairs: Sequence[tuple[int, int]]) -> str:
-    """Compact text for a set of (layer, expert): "layer 0: experts 0-3, 6; layer 1: experts 2"."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, expert in sorted(set(pairs)):
-        by_layer.setdefault(layer, []).append(expert)
-    if not by_layer:
-        return "no experts"
-    parts = []
-    for layer, experts in by_layer.items():
-        runs: list[str] = []
-        start = prev = experts[0]
-        for e in [*experts[1:], None]:
-            if e is not None and e == prev + 1:
-                prev = e
-                continue
-            runs.append(str(start) if start == prev else f"{start}-{prev}")
-            if e is not None:
-                start = prev = e
-        parts.append(f"layer {layer}: experts {', '.join(runs)}")
-    return "; ".join(parts)
+    return ModelSpec(name=name, family=family, layers=layers)

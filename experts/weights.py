@@ -27,7 +27,9 @@ from typing import Any, Protocol
 import torch
 from safetensors import safe_open
 
-from .model import ModelSpec, spec_from_config
+from moemesh.protos.spec import ModelSpec
+
+from .model import spec_from_config
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,7 @@ class PresetSource:
         hidden = spec.hidden_size
         weight = self._tensor(names["weight"], (spec.num_experts, hidden), 1 / math.sqrt(hidden), dtype)
         bias = shared = shared_gate = None
-        if self.spec.routing.has_correction_bias:
+        if spec.gate.has_correction_bias:
             bias = self._tensor(
                 names["correction_bias"], (spec.num_experts,), _PRESET_BIAS_SCALE / math.sqrt(3), dtype
             )
@@ -438,7 +440,7 @@ class CheckpointSource:
         )
         weight = self._read(weight_name, (num, hidden))
         bias = shared = shared_gate = None
-        if self.spec.routing.has_correction_bias:
+        if spec.gate.has_correction_bias:
             bias = self._read(names["correction_bias"], (num,))
         if spec.shared_intermediate_size:
             inner = spec.shared_intermediate_size

@@ -15,9 +15,7 @@ from typing import Protocol
 
 import torch
 
-from .gating import Routing
-
-ExpertKey = tuple[int, int]  # (layer, expert)
+from moemesh.protos.spec import ExpertKey, HostInfo, Routing, Segment
 
 
 class NoReplica(LookupError):
@@ -29,16 +27,6 @@ class NoReplica(LookupError):
         super().__init__(f"no live replica for layer {layer} expert {expert}{detail}")
         self.layer = layer
         self.expert = expert
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows [start, start + count) of a host's packed tensor go through (layer, expert)."""
-
-    layer: int
-    expert: int
-    start: int
-    count: int
 
 
 @dataclass(frozen=True)
@@ -79,6 +67,22 @@ class RoutingTable:
         self._replicas = {key: tuple(hosts) for key, hosts in replicas.items()}
         for key, hosts in self._replicas.items():
             assert hosts, f"(layer, expert) {key} has no host"
+
+    @classmethod
+    def from_hosts(cls, hosts: Sequence[HostInfo]) -> RoutingTable:
+        """Every expert to the hosts that hold it, in the order the hosts are given."""
+        replicas: dict[ExpertKey, list[str]] = {}
+        for host in hosts:
+            for key in host.experts:
+                replicas.setdefault(key, []).append(host.host_id)
+        return cls(replicas)
+
+    def check_covers(self, num_experts: Mapping[int, int]) -> None:
+        """ValueError unless every expert of every layer ({layer: experts}) has a host."""
+        gaps = {layer: self.missing(layer, n) for layer, n in sorted(num_experts.items())}
+        detail = "; ".join(f"layer {layer}: experts {missing}" for layer, missing in gaps.items() if missing)
+        if detail:
+            raise ValueError(f"no expert host serves {detail}")
 
     def replicas(self, layer: int, expert: int) -> tuple[str, ...]:
         return self._replicas.get((layer, expert), ())

@@ -23,43 +23,26 @@ Semantics follow the `transformers` routers of each model family (tests prove it
 Dynamic modes return K = the largest count used in the batch; unused slots hold expert -1 and
 weight 0, so a caller can always skip `experts < 0`.
 
-Shared experts are not chosen here: they run on every token (see `services/router_service.py`).
+Shared experts are not chosen here: they run on every token (`MoELayer.shared`, pipeline.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
-from dataclasses import dataclass
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
 
-
-class ScoreFunction(str, Enum):
-    """How router logits become expert scores."""
-
-    SOFTMAX = "softmax"
-    SIGMOID = "sigmoid"
-
-
-class RoutingMode(str, Enum):
-    """How many experts a token gets."""
-
-    TOP_K = "top_k"
-    TOP_P = "top_p"
-    THRESHOLD = "threshold"
-
-
-class InvalidRouting(ValueError):
-    """A routing policy that does not fit the layer. `field` names the offending field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
+from moemesh.protos.spec import (
+    GateConfig,
+    InvalidRouting,
+    Routing,
+    RoutingMode,
+    RoutingPolicy,
+    ScoreFunction,
+    is_real,
+)
 
 # Top-p counts a prefix as reaching `top_p` within this tolerance (float32 cumulative sums).
 TOP_P_TOLERANCE = 1e-6
@@ -68,88 +51,13 @@ TOP_P_TOLERANCE = 1e-6
 _NORM_EPS = 1e-20
 
 
-@dataclass(frozen=True)
-class GateConfig:
-    """The trained routing of one MoE layer."""
-
-    num_experts: int
-    top_k: int
-    score_function: ScoreFunction = ScoreFunction.SOFTMAX
-    norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.0
-    n_group: int = 1
-    topk_group: int = 1
-
-    def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "score_function", ScoreFunction(self.score_function))
-        except ValueError:
-            choices = ", ".join(f.value for f in ScoreFunction)
-            raise ValueError(
-                f"score_function must be one of {choices}, got {self.score_function!r}"
-            ) from None
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        if self.n_group < 1 or self.num_experts % self.n_group:
-            raise ValueError(
-                f"n_group must be >= 1 and divide num_experts={self.num_experts}, got {self.n_group}"
-            )
-        if not 1 <= self.topk_group <= self.n_group:
-            raise ValueError(f"topk_group must be in 1..{self.n_group} (n_group), got {self.topk_group}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in 1..{self.num_experts} (num_experts), got {self.top_k}")
-        if self.top_k > self.selectable_experts:
-            raise ValueError(
-                f"top_k must be <= {self.selectable_experts} (topk_group={self.topk_group} groups of "
-                f"{self.experts_per_group} experts), got {self.top_k}"
-            )
-        if not (math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0):
-            raise ValueError(
-                f"routed_scaling_factor must be a finite number > 0, got {self.routed_scaling_factor}"
-            )
-
-    @property
-    def experts_per_group(self) -> int:
-        """Experts in one group (`num_experts` when groups are not used)."""
-        return self.num_experts // self.n_group
-
-    @property
-    def selectable_experts(self) -> int:
-        """How many experts one token can choose from after the group limit."""
-        if self.n_group > 1:
-            return self.topk_group * self.experts_per_group
-        return self.num_experts
-
-    def effective_k(self, policy: RoutingPolicy | None = None) -> int:
-        """Slots per token that `route` returns under `policy`: exactly this many for top-k, at
-        most this many for top-p / threshold. Raises InvalidRouting like `route`."""
-        policy = validate_policy(self, policy)
-        if policy.mode is RoutingMode.TOP_K:
-            return policy.top_k or self.top_k
-        return min(policy.max_k or self.top_k, self.selectable_experts)
-
-
-@dataclass(frozen=True)
-class RoutingPolicy:
-    """A per-request override. `None` fields take the layer default (`GateConfig.top_k`)."""
-
-    mode: RoutingMode = RoutingMode.TOP_K
-    top_k: int | None = None
-    top_p: float | None = None
-    threshold: float | None = None
-    max_k: int | None = None
-
-
-@dataclass(frozen=True)
-class Routing:
-    """The gate's decision for a batch.
-
-    experts: [tokens, K] int64, expert index per slot, -1 in unused slots (dynamic modes)
-    weights: [tokens, K] float32, combine weight per slot, 0 in unused slots
-    """
-
-    experts: torch.Tensor
-    weights: torch.Tensor
+def effective_k(config: GateConfig, policy: RoutingPolicy | None = None) -> int:
+    """Slots per token that `route` returns under `policy`: exactly this many for top-k, at most
+    this many for top-p / threshold. Raises InvalidRouting like `route`."""
+    policy = validate_policy(config, policy)
+    if policy.mode is RoutingMode.TOP_K:
+        return policy.top_k or config.top_k
+    return min(policy.max_k or config.top_k, config.selectable_experts)
 
 
 def validate_policy(config: GateConfig, policy: RoutingPolicy | None = None) -> RoutingPolicy:
@@ -176,9 +84,9 @@ def validate_policy(config: GateConfig, policy: RoutingPolicy | None = None) -> 
         _check_int("routing.top_k", policy.top_k, 1, hi, why)
     if policy.max_k is not None:
         _check_int("routing.max_k", policy.max_k, 1, config.num_experts, "")
-    if policy.top_p is not None and not (_is_real(policy.top_p) and 0.0 < policy.top_p <= 1.0):
+    if policy.top_p is not None and not (is_real(policy.top_p) and 0.0 < policy.top_p <= 1.0):
         raise InvalidRouting("routing.top_p", f"must be in (0, 1], got {policy.top_p!r}")
-    if policy.threshold is not None and not (_is_real(policy.threshold) and 0.0 <= policy.threshold <= 1.0):
+    if policy.threshold is not None and not (is_real(policy.threshold) and 0.0 <= policy.threshold <= 1.0):
         raise InvalidRouting("routing.threshold", f"must be in [0, 1], got {policy.threshold!r}")
 
     if mode is RoutingMode.TOP_P and policy.top_p is None:
@@ -344,10 +252,6 @@ def _check_inputs(
         raise ValueError(
             f"correction_bias must be [experts={config.num_experts}], got shape {tuple(correction_bias.shape)}"
         )
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_int(field: str, value: object, lo: int, hi: int, why: str) -> None:

@@ -19,32 +19,20 @@ from typing import Protocol
 
 import torch
 
+from moemesh.protos.spec import GateConfig, Routing, RoutingPolicy, Segment
+
 from .dispatch import (
     DispatchPlan,
     HostBatch,
     ReplicaChooser,
     RoutingTable,
-    Segment,
     combine,
     pack,
     plan,
     replan,
 )
-from .gating import GateConfig, Routing, RoutingPolicy, route
+from .gating import route
 from .replicas import HostHealth, LeastLoadedReplica
-
-
-def torch_executor(max_workers: int, name: str) -> ThreadPoolExecutor:
-    """A thread pool for torch work that keeps the process's intra-op thread count.
-
-    OpenMP's thread count is per thread: pool threads would otherwise start with one OpenMP thread
-    per core whatever `torch.set_num_threads` said, and several processes sharing a machine then
-    oversubscribe it (measured: 5x slower forwards on a 2-core local mesh).
-    """
-    threads = torch.get_num_threads()
-    return ThreadPoolExecutor(
-        max_workers, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,)
-    )
 
 
 class HostUnavailable(ConnectionError):
@@ -170,7 +158,8 @@ class SparseMoE:
         self.tokens_routed = {
             layer: torch.zeros(spec.num_experts, dtype=torch.int64) for layer, spec in layers.items()
         }
-        self._executor = executor or torch_executor(2, "moemesh-router")
+        # Where torch work runs; servers pass `moemesh.experts.device.torch_executor`.
+        self._executor = executor or ThreadPoolExecutor(2, thread_name_prefix="moemesh-router")
 
     @property
     def table(self) -> RoutingTable:

@@ -18,11 +18,10 @@ import logging
 import grpc
 
 from moemesh.experts.ffn import UnknownExpert
+from moemesh.protos.spec import InvalidRouting
+from moemesh.protos.wire import InvalidArgument
 from moemesh.router.dispatch import NoReplica
-from moemesh.router.gating import InvalidRouting
 from moemesh.router.pipeline import DeadlineExceeded
-
-from .codec import InvalidArgument
 
 log = logging.getLogger(__name__)
 

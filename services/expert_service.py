@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Executor
 
-from moemesh.experts.device import dtype_name
-from moemesh.experts.ffn import ExpertBank, RowSpan
+from moemesh.experts.device import torch_executor
+from moemesh.experts.ffn import ExpertBank
 from moemesh.protos import moemesh_pb2 as pb
 from moemesh.protos import moemesh_pb2_grpc as pb_grpc
-from moemesh.router.pipeline import torch_executor
+from moemesh.protos import wire
+from moemesh.protos.spec import HostInfo, dtype_name
 
-from . import codec
 from .bootstrap import Service
 from .telemetry import ComputeTelemetry, Telemetry
 
@@ -48,20 +48,13 @@ class ExpertServicer(pb_grpc.ExpertServicer):
         )
 
     def _compute(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
-        rows = codec.decode_tensor(request.rows, "rows", rank=2)
-        segments = codec.decode_segments(request.segments, rows.shape[0])
-        spans = [RowSpan(s.layer, s.expert, s.start, s.count) for s in segments]
-        if rows.shape[1] != self.bank.hidden_size:
-            raise codec.InvalidArgument(
-                "rows.shape",
-                f"expected hidden size {self.bank.hidden_size} (this host's experts), got {rows.shape[1]}",
-            )
+        segments, rows = wire.decode_compute(request)
         try:
-            out = self.bank.compute(spans, rows)  # checks every span before computing any
-        except ValueError as err:  # overlapping or out-of-range spans; UnknownExpert passes through
-            raise codec.InvalidArgument("segments", str(err)) from err
-        self.rows_served += sum(s.count for s in spans)
-        return pb.ComputeResponse(rows=codec.encode_tensor(out))
+            out = self.bank.compute(segments, rows)  # checks every segment before computing any
+        except ValueError as err:  # the message names rows or segments[i]; UnknownExpert passes through
+            raise wire.InvalidArgument("request", str(err)) from err
+        self.rows_served += sum(s.count for s in segments)
+        return pb.ComputeResponse(rows=wire.encode_tensor(out))
 
     async def Compute(self, request: pb.ComputeRequest, context) -> pb.ComputeResponse:
         loop = asyncio.get_running_loop()
@@ -69,11 +62,15 @@ class ExpertServicer(pb_grpc.ExpertServicer):
             return await loop.run_in_executor(self._executor, timing.run, self._compute, request)
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
-        return pb.InfoResponse(
+        return wire.encode_info(self.info())
+
+    def info(self) -> HostInfo:
+        return HostInfo(
             host_id=self.host_id,
+            address="",
             device=str(self.bank.device),
             dtype=dtype_name(self.bank.dtype),
-            experts=[pb.ExpertRef(layer=layer, expert=expert) for layer, expert in self.bank.experts],
+            experts=tuple(self.bank.experts),
             model=self.model,
             node=self.node,
             relative_speed=self.relative_speed,

@@ -6,26 +6,29 @@ router = await start_router(RouterConfig(model="tiny-mixtral", hosts=(host.addre
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from moemesh.experts.device import parse_dtype, resolve_device
-from moemesh.experts.ffn import ExpertBank
-from moemesh.experts.weights import open_source
-from moemesh.router.pipeline import SparseMoE
+import grpc
+import torch
+
+from moemesh.experts.device import resolve_device, torch_executor
+from moemesh.experts.ffn import ExpertBank, ffn
+from moemesh.experts.weights import GateWeights, WeightSource, open_source
+from moemesh.protos import moemesh_pb2 as pb
+from moemesh.protos import moemesh_pb2_grpc as pb_grpc
+from moemesh.protos import wire
+from moemesh.protos.spec import HostInfo, parse_dtype
+from moemesh.protos.wire import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from moemesh.router.dispatch import RoutingTable
+from moemesh.router.pipeline import MoELayer, SparseMoE
 from moemesh.router.replicas import LeastLoadedReplica
 
 from .bootstrap import RunningServer, ServerConfig, start_server
 from .expert_service import ExpertServicer
-from .router_service import (
-    HostDescription,
-    RouterServicer,
-    build_layers,
-    check_coverage,
-    describe_hosts,
-    routing_table,
-)
-from .telemetry import HOST_ATTRIBUTE, PipelineTelemetry, Telemetry
+from .router_service import RouterServicer
+from .telemetry import HOST_ATTRIBUTE, PipelineTelemetry, Telemetry, client_call
 from .transport import GrpcTransport
 
 
@@ -80,7 +83,7 @@ class RouterHost:
     def address(self) -> str:
         return self.server.address
 
-    async def register_host(self, address: str) -> HostDescription:
+    async def register_host(self, address: str) -> HostInfo:
         """A host (new, or restarted on a new port) announces itself: route to it again.
 
         The routing table is rebuilt and swapped in whole; forwards in flight keep the old one.
@@ -91,7 +94,7 @@ class RouterHost:
         self.transport.set_address(desc.host_id, desc.address)
         moe = self.servicer.moe
         moe.chooser.set_speed(desc.host_id, desc.relative_speed)
-        moe.swap_table(routing_table(hosts))
+        moe.swap_table(RoutingTable.from_hosts(hosts))
         moe.health.mark_up(desc.host_id)
         return desc
 
@@ -99,6 +102,60 @@ class RouterHost:
         await self.server.stop(grace_s)
         await self.transport.close()
         self.servicer.moe.close()
+
+
+def _shared_fn(gw: GateWeights, activation: str):
+    """The shared expert(s) of a layer as hidden [T, H] -> [T, H], gated as the family does."""
+    if gw.shared is None:
+        return None
+    shared = gw.shared
+    shared_gate = gw.shared_gate
+
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.to(shared.gate.dtype)
+        out = ffn(x, shared, activation)
+        if shared_gate is not None:  # Qwen2-MoE: sigmoid(x @ g^T) * shared(x)
+            out = torch.sigmoid(x @ shared_gate.t()) * out
+        return out
+
+    return run
+
+
+def build_layers(source: WeightSource) -> dict[int, MoELayer]:
+    """Gates (and shared experts) of every MoE layer, on CPU in the checkpoint's precision."""
+    layers = {}
+    for ls in source.spec.layers:
+        gw = source.gate(ls.layer)
+        layers[ls.layer] = MoELayer(
+            layer=ls.layer,
+            hidden_size=ls.hidden_size,
+            gate=ls.gate,
+            gate_weight=gw.weight,
+            correction_bias=gw.correction_bias,
+            shared=_shared_fn(gw, ls.activation),
+        )
+    return layers
+
+
+async def describe_hosts(
+    addresses: Sequence[str],
+    timeout: float = 30.0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    telemetry: Telemetry | None = None,
+) -> list[HostInfo]:
+    """Ask each expert host what it serves (waiting for it to come up, up to `timeout`)."""
+    tracer = (telemetry or Telemetry()).tracer()
+
+    async def one(address: str) -> HostInfo:
+        async with grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes)) as channel:
+            stub = pb_grpc.ExpertStub(channel)
+            with client_call(tracer, "/moemesh.v1.Expert/Info", address) as call:
+                info = await stub.Info(
+                    pb.InfoRequest(), timeout=timeout, wait_for_ready=True, metadata=call.metadata
+                )
+        return wire.decode_info(info, address)
+
+    return list(await asyncio.gather(*(one(a) for a in addresses)))
 
 
 def load_bank(config: ExpertHostConfig) -> ExpertBank:
@@ -141,8 +198,8 @@ async def start_router(
     hosts = await describe_hosts(
         config.hosts, config.discover_timeout_s, config.server.max_message_bytes, telemetry
     )
-    table = routing_table(hosts)
-    check_coverage(layers, table)
+    table = RoutingTable.from_hosts(hosts)
+    table.check_covers({layer: spec.num_experts for layer, spec in layers.items()})
     transport = GrpcTransport(
         {h.host_id: h.address for h in hosts}, config.server.max_message_bytes, telemetry
     )
@@ -151,6 +208,7 @@ async def start_router(
         table,
         transport,
         LeastLoadedReplica({h.host_id: h.relative_speed for h in hosts}),
+        executor=torch_executor(2, "moemesh-router"),
         observer=PipelineTelemetry(telemetry or Telemetry()),
     )
     servicer = RouterServicer(moe, source.spec, hosts)

@@ -13,7 +13,7 @@ from moemesh.deploy.local import EmbeddedMesh, MeshConfig
 from moemesh.experts.weights import open_source
 from moemesh.protos import moemesh_pb2 as pb
 from moemesh.protos import moemesh_pb2_grpc as pb_grpc
-from moemesh.services import codec
+from moemesh.protos import wire
 from tests.references import dense_reference
 
 pytestmark = pytest.mark.integration
@@ -41,16 +41,16 @@ def _good(router) -> None:
     source = open_source(MODEL)
     hidden = torch.randn(8, H, generator=torch.Generator().manual_seed(0))
     reply = router.Forward(
-        pb.ForwardRequest(layer=0, hidden=codec.encode_tensor(hidden), return_routing=True)
+        pb.ForwardRequest(layer=0, hidden=wire.encode_tensor(hidden), return_routing=True)
     )
-    out = codec.decode_tensor(reply.hidden, "hidden")
-    routing = codec.decode_routing(reply.routing)
+    out = wire.decode_tensor(reply.hidden, "hidden")
+    routing = wire.decode_routing(reply.routing)
     expected = dense_reference(source, 0, hidden, routing.experts, routing.weights)
     assert (out.double() - expected).abs().max().item() <= 1e-5
 
 
 def _hidden(shape=(4, H), dtype=torch.float32) -> pb.Tensor:
-    return codec.encode_tensor(torch.randn(*shape).to(dtype))
+    return wire.encode_tensor(torch.randn(*shape).to(dtype))
 
 
 BAD_FORWARDS = {
@@ -156,7 +156,7 @@ def test_non_finite_input_names_the_token(router, value):
     hidden = torch.randn(5, H)
     hidden[3, 10] = value
     with pytest.raises(grpc.RpcError) as info:
-        router.Forward(pb.ForwardRequest(layer=0, hidden=codec.encode_tensor(hidden)))
+        router.Forward(pb.ForwardRequest(layer=0, hidden=wire.encode_tensor(hidden)))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "hidden.data: expected finite values; token 3" in info.value.details()
     _good(router)
@@ -198,7 +198,7 @@ def test_expert_host_rejects_unknown_expert_and_bad_segments(mesh):
     channel, stub = _expert_stub(mesh)
     held = mesh.hosts[0].servicer.bank.experts
     not_held = next((0, e) for e in range(8) if (0, e) not in held)
-    rows = codec.encode_tensor(torch.randn(4, H))
+    rows = wire.encode_tensor(torch.randn(4, H))
     try:
         cases = [
             (

@@ -81,7 +81,7 @@ def test_wire_bytes_near_minimum(mesh):
         stats.reset()
         _, routing = client.forward(hidden, layer=ls.layer, return_routing=True)
     k_rows = int((routing.experts >= 0).sum())  # = tokens * k for top-k
-    assert k_rows == tokens * source.spec.routing.top_k
+    assert k_rows == tokens * source.spec.layers[0].gate.top_k
     minimum = 2 * k_rows * ls.hidden_size * 4  # rows out and back, float32
     header_per_rpc = 256  # shapes, dtypes, segment list
     total = stats.bytes_sent + stats.bytes_received

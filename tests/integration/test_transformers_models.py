@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.client import offload_experts
+from moemesh.deploy.offload import offload_experts
 from moemesh.client.remote import RemoteMoE
 
 pytestmark = pytest.mark.integration

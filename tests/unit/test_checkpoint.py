@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moemesh.experts import weights as weights_module
-from moemesh.experts.ffn import ExpertBank, RowSpan
-from moemesh.experts.model import SUPPORTED_FAMILIES, UnsupportedModel, spec_from_config
+from moemesh.experts.ffn import ExpertBank
+from moemesh.experts.model import SUPPORTED_FAMILIES, spec_from_config
+from moemesh.protos.spec import Segment, UnsupportedModel
 from moemesh.experts.weights import (
     PRESETS,
     CheckpointSource,
@@ -135,7 +136,7 @@ def test_spec_matches_config(saved, family):
     assert layer.hidden_size == cfg.hidden_size
     assert layer.num_experts == model.model.layers[spec.layers[0].layer].mlp.experts.num_experts
     assert layer.intermediate_size == model.model.layers[spec.layers[0].layer].mlp.experts.intermediate_dim
-    assert spec.routing.top_k == cfg.num_experts_per_tok
+    assert spec.layers[0].gate.top_k == cfg.num_experts_per_tok
 
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
@@ -156,7 +157,7 @@ def test_deepseek_spec_fields(saved):
     spec = open_source(saved["deepseek_v3"][1]).spec
     assert spec.layer_indices == (1,)
     assert spec.layer(1).shared_intermediate_size == 16 and not spec.layer(1).shared_gated
-    r = spec.routing
+    r = spec.layers[0].gate
     assert (r.score_function, r.n_group, r.topk_group, r.routed_scaling_factor) == ("sigmoid", 2, 1, 2.5)
     assert r.has_correction_bias and r.norm_topk_prob
 
@@ -172,7 +173,7 @@ def test_bank_from_checkpoint_matches_transformers_experts(saved):
         # Route rows 0-2 to expert 3 and rows 3-5 to expert 0, each with weight 1.
         index = torch.tensor([[3]] * 3 + [[0]] * 3)
         expected = experts(x, index, torch.ones(6, 1))
-    got = bank.compute([RowSpan(1, 3, 0, 3), RowSpan(1, 0, 3, 3)], x)
+    got = bank.compute([Segment(1, 3, 0, 3), Segment(1, 0, 3, 3)], x)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -389,8 +390,8 @@ def test_preset_loaded_into_transformers_block(name):
     # Plain reference: softmax top-k (renormalised when the config says so), sum of weighted experts.
     rows = x[0]
     probs = torch.softmax(rows @ g.weight.T, dim=-1)
-    top_w, top_i = probs.topk(source.spec.routing.top_k, dim=-1)
-    if source.spec.routing.norm_topk_prob:
+    top_w, top_i = probs.topk(source.spec.layers[0].gate.top_k, dim=-1)
+    if source.spec.layers[0].gate.norm_topk_prob:
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
     bank = ExpertBank.from_source(
         source, [(layer.layer, e) for e in range(layer.num_experts)], torch.device("cpu"), torch.float32
@@ -398,7 +399,7 @@ def test_preset_loaded_into_transformers_block(name):
     out = torch.zeros_like(rows)
     for t in range(rows.shape[0]):
         for k in range(top_i.shape[1]):
-            y = bank.compute([RowSpan(layer.layer, int(top_i[t, k]), 0, 1)], rows[t : t + 1])
+            y = bank.compute([Segment(layer.layer, int(top_i[t, k]), 0, 1)], rows[t : t + 1])
             out[t] += top_w[t, k] * y[0]
     if g.shared is not None:
         from moemesh.experts.ffn import ffn

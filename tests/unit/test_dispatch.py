@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moemesh.router.dispatch import NoReplica, RoutingTable, combine, pack, plan, replan
-from moemesh.router.gating import GateConfig, Routing
+from moemesh.protos.spec import GateConfig, Routing
 from moemesh.router.pipeline import DeadlineExceeded, HostUnavailable, MoELayer, SparseMoE
 
 E, H = 6, 4

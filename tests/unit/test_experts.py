@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.experts.device import dtype_name, parse_dtype, resolve_device
-from moemesh.experts.ffn import ExpertBank, RowSpan, UnknownExpert, activation_fn, ffn
-from moemesh.experts.model import SUPPORTED_FAMILIES, UnsupportedModel, spec_from_config
+from moemesh.experts.device import resolve_device
+from moemesh.experts.ffn import ExpertBank, UnknownExpert, activation_fn, ffn
+from moemesh.experts.model import SUPPORTED_FAMILIES, spec_from_config
+from moemesh.protos.spec import GateConfig, Segment, UnsupportedModel, dtype_name, parse_dtype
 from moemesh.experts.weights import PRESETS, FFNWeights, PresetSource, open_source, preset_config
 
 transformers = pytest.importorskip("transformers")
@@ -120,11 +121,11 @@ def bank(source):
 
 
 SPANS = [  # rows 4..5 and 14..15 are covered by no span; (0, 2) comes twice (two requests)
-    RowSpan(layer=0, expert=2, start=0, count=3),
-    RowSpan(layer=1, expert=7, start=3, count=1),
-    RowSpan(layer=0, expert=1, start=6, count=4),
-    RowSpan(layer=1, expert=2, start=10, count=2),
-    RowSpan(layer=0, expert=2, start=12, count=2),
+    Segment(layer=0, expert=2, start=0, count=3),
+    Segment(layer=1, expert=7, start=3, count=1),
+    Segment(layer=0, expert=1, start=6, count=4),
+    Segment(layer=1, expert=2, start=10, count=2),
+    Segment(layer=0, expert=2, start=12, count=2),
 ]
 
 
@@ -164,14 +165,14 @@ def test_low_precision_bank_within_documented_tolerance(source, dtype):
 
 def test_output_follows_rows_dtype(bank):
     rows = torch.randn(4, 64).to(torch.bfloat16)
-    out = bank.compute([RowSpan(0, 1, 0, 4)], rows)
+    out = bank.compute([Segment(0, 1, 0, 4)], rows)
     assert out.dtype == torch.bfloat16
     out.mul_(2)  # an ordinary tensor, not an inference tensor: callers may update it in place
 
 
 def test_unknown_expert_names_layer_expert_and_holdings(bank):
     with pytest.raises(UnknownExpert) as err:
-        bank.compute([RowSpan(0, 1, 0, 1), RowSpan(1, 3, 1, 1)], torch.randn(2, 64))
+        bank.compute([Segment(0, 1, 0, 1), Segment(1, 3, 1, 1)], torch.randn(2, 64))
     message = str(err.value)
     assert "layer 1 expert 3" in message
     assert "layer 0: experts 1-2; layer 1: experts 2, 7" in message
@@ -181,32 +182,32 @@ def test_unknown_expert_names_layer_expert_and_holdings(bank):
 @pytest.mark.parametrize(
     "span, match",
     [
-        (RowSpan(0, 1, 3, 2), r"within \[0, 4\)"),  # runs past the end
-        (RowSpan(0, 1, -1, 2), r"within \[0, 4\)"),
-        (RowSpan(0, 1, 0, 0), "1 or more rows"),
+        (Segment(0, 1, 3, 2), r"within \[0, 4\)"),  # runs past the end
+        (Segment(0, 1, -1, 2), r"within \[0, 4\)"),
+        (Segment(0, 1, 0, 0), "1 or more rows"),
     ],
 )
 def test_bad_span_rejected(bank, span, match):
     with pytest.raises(ValueError, match=match):
-        bank.compute([RowSpan(0, 2, 0, 1), span], torch.randn(4, 64))
+        bank.compute([Segment(0, 2, 0, 1), span], torch.randn(4, 64))
 
 
 def test_bad_span_rejected_before_unknown_expert_computes(bank):
     # The first span is valid and held, the second is not held: nothing is computed or returned.
     with pytest.raises(UnknownExpert):
-        bank.compute([RowSpan(0, 1, 0, 2), RowSpan(5, 0, 2, 2)], torch.randn(4, 64))
+        bank.compute([Segment(0, 1, 0, 2), Segment(5, 0, 2, 2)], torch.randn(4, 64))
 
 
 def test_overlapping_spans_rejected(bank):
     with pytest.raises(ValueError, match="overlap"):
-        bank.compute([RowSpan(0, 1, 0, 3), RowSpan(0, 2, 2, 2)], torch.randn(4, 64))
+        bank.compute([Segment(0, 1, 0, 3), Segment(0, 2, 2, 2)], torch.randn(4, 64))
 
 
 def test_rows_of_wrong_shape_rejected(bank):
     with pytest.raises(ValueError, match="hidden size 32"):
-        bank.compute([RowSpan(0, 1, 0, 1)], torch.randn(2, 32))
+        bank.compute([Segment(0, 1, 0, 1)], torch.randn(2, 32))
     with pytest.raises(ValueError, match="2-D float"):
-        bank.compute([RowSpan(0, 1, 0, 1)], torch.ones(2, 64, dtype=torch.int64))
+        bank.compute([Segment(0, 1, 0, 1)], torch.ones(2, 64, dtype=torch.int64))
 
 
 def test_bank_needs_activation_for_every_layer(source):
@@ -259,7 +260,7 @@ def test_host_subset_equals_full_model(source):
         open_source("tiny-mixtral"), [(1, 7), (0, 2)], torch.device("cpu"), torch.float32
     )
     rows = torch.randn(6, 64)
-    spans = [RowSpan(0, 2, 0, 3), RowSpan(1, 7, 3, 3)]
+    spans = [Segment(0, 2, 0, 3), Segment(1, 7, 3, 3)]
     assert torch.equal(part.compute(spans, rows), full.compute(spans, rows))
 
 
@@ -279,7 +280,7 @@ def test_preset_specs():
     assert ds_spec.layer_indices == (1, 2)
     assert (ds_spec.layers[0].num_experts, ds_spec.layers[0].intermediate_size) == (16, 32)
     assert ds_spec.layers[0].shared_intermediate_size == 32 and not ds_spec.layers[0].shared_gated
-    r = ds_spec.routing
+    r = ds_spec.layers[0].gate
     assert (r.top_k, r.n_group, r.topk_group, r.routed_scaling_factor, r.has_correction_bias) == (
         4,
         4,
@@ -289,7 +290,7 @@ def test_preset_specs():
     )
     qwen = PresetSource("tiny-qwen2-moe").spec
     assert qwen.layers[0].shared_intermediate_size == 64 and qwen.layers[0].shared_gated
-    assert qwen.routing.norm_topk_prob is False
+    assert qwen.layers[0].gate.norm_topk_prob is False
     medium = PresetSource("medium-mixtral").spec
     assert medium.layer_indices == (0, 1, 2, 3)
     assert (
@@ -343,7 +344,7 @@ def test_mixtral_spec():
         6,
     )
     assert (
-        spec.routing.score_function == "softmax" and spec.routing.top_k == 3 and spec.routing.norm_topk_prob
+        spec.layers[0].gate.score_function == "softmax" and spec.layers[0].gate.top_k == 3 and spec.layers[0].gate.norm_topk_prob
     )
     assert spec.layer(0).shared_intermediate_size == 0
 
@@ -365,7 +366,7 @@ def test_qwen2_moe_spec_layer_rule_and_shared_expert():
     )
     assert spec.layer_indices == (1, 5, 7)  # (idx + 1) % 2 == 0, minus mlp-only layer 3
     assert spec.layer(5).shared_intermediate_size == 40 and spec.layer(5).shared_gated
-    assert spec.routing.norm_topk_prob is True
+    assert spec.layers[0].gate.norm_topk_prob is True
 
 
 def test_qwen3_moe_and_olmoe_specs():
@@ -381,7 +382,7 @@ def test_qwen3_moe_and_olmoe_specs():
         "q3",
     )
     assert q3.layer_indices == (1, 2, 3) and q3.layer(1).num_experts == 16
-    assert q3.layer(1).shared_intermediate_size == 0 and not q3.routing.norm_topk_prob
+    assert q3.layer(1).shared_intermediate_size == 0 and not q3.layer(1).gate.norm_topk_prob
     # transformers 5 writes the attribute_map spelling for Qwen3-MoE
     alias = spec_from_config(
         {"model_type": "qwen3_moe", "num_local_experts": 12, "num_experts_per_tok": 2}, "q3"
@@ -398,7 +399,7 @@ def test_qwen3_moe_and_olmoe_specs():
         },
         "o",
     )
-    assert ol.layer_indices == (0, 1) and ol.layer(0).intermediate_size == 24 and ol.routing.norm_topk_prob
+    assert ol.layer_indices == (0, 1) and ol.layer(0).intermediate_size == 24 and ol.layer(0).gate.norm_topk_prob
 
 
 def test_deepseek_v3_spec():
@@ -421,7 +422,8 @@ def test_deepseek_v3_spec():
     )
     assert spec.layer_indices == (2, 4, 6)
     assert spec.layer(4).shared_intermediate_size == 32 and not spec.layer(4).shared_gated
-    assert spec.routing == spec.routing.__class__(
+    assert spec.layers[0].gate == GateConfig(
+        num_experts=spec.layers[0].num_experts,
         score_function="sigmoid",
         top_k=6,
         norm_topk_prob=False,
@@ -496,7 +498,7 @@ def test_unsupported_model_lists_families():
 
 
 def test_invalid_configs_name_the_key():
-    with pytest.raises(ValueError, match="num_experts_per_tok=9 exceeds the 8"):
+    with pytest.raises(ValueError, match=r"top_k=9 must be in 1..8.*num_experts_per_tok"):
         spec_from_config({"model_type": "mixtral", "num_experts_per_tok": 9}, "m")
     with pytest.raises(ValueError, match="n_group=3"):
         spec_from_config({"model_type": "deepseek_v3", "n_routed_experts": 16, "n_group": 3}, "d")

@@ -8,17 +8,8 @@ import math
 import pytest
 import torch
 
-from moemesh.router.gating import (
-    GateConfig,
-    InvalidRouting,
-    Routing,
-    RoutingMode,
-    RoutingPolicy,
-    ScoreFunction,
-    gate_scores,
-    route,
-    validate_policy,
-)
+from moemesh.protos.spec import GateConfig, InvalidRouting, Routing, RoutingMode, RoutingPolicy, ScoreFunction
+from moemesh.router.gating import effective_k, gate_scores, route, validate_policy
 
 T, H = 64, 32
 SOFTMAX, SIGMOID = ScoreFunction.SOFTMAX, ScoreFunction.SIGMOID
@@ -423,8 +414,8 @@ def test_top_k_override_changes_k():
     assert bool((one.weights == 2.5).all())
     # the default top-4 is contained in the top-6 of the same groups
     assert bool((default.experts.unsqueeze(-1) == six.experts.unsqueeze(1)).any(-1).all())
-    assert config.effective_k(RoutingPolicy(top_k=6)) == 6
-    assert config.effective_k(RoutingPolicy(RoutingMode.TOP_P, top_p=0.5, max_k=16)) == 8
+    assert effective_k(config, RoutingPolicy(top_k=6)) == 6
+    assert effective_k(config, RoutingPolicy(RoutingMode.TOP_P, top_p=0.5, max_k=16)) == 8
 
 
 def test_no_tokens_gives_empty_routing():
