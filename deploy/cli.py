@@ -28,12 +28,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moemesh.experts.weights import PRESETS
-from moemesh.services.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, RunningServer, ServerConfig
+from moemesh.protos.spec import FLOAT_DTYPES, parse_experts
+from moemesh.protos.wire import DEFAULT_MAX_MESSAGE_BYTES
+from moemesh.services.bootstrap import RunningServer, ServerConfig
 from moemesh.services.telemetry import HOST_ATTRIBUTE, TelemetryConfig, configure_tracing, start_telemetry
 
-from .placement import parse_experts
-
-DTYPES = ("float32", "float16", "bfloat16")
+from .backend import Backend
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
@@ -58,16 +58,35 @@ async def _serve_until_signal(server: RunningServer, stop) -> None:
     await stop()
 
 
-def _telemetry_config(
-    args: argparse.Namespace, service_name: str, resource: tuple[tuple[str, str], ...] = ()
-) -> TelemetryConfig:
-    return TelemetryConfig(service_name, resource, args.host, args.metrics_port)
+async def _serve(spec, ready_file: str | None) -> None:
+    """Serve what one `ProcessSpec` describes until SIGINT/SIGTERM; publish the address when bound."""
+    from moemesh.services.launch import start_expert_host, start_router
+
+    if spec.expert is not None:
+        cfg = spec.expert
+        telemetry = start_telemetry(
+            TelemetryConfig(
+                "moemesh-expert", ((HOST_ATTRIBUTE, cfg.host_id),), cfg.server.host, spec.metrics_port
+            )
+        )
+        running = await start_expert_host(cfg, telemetry=telemetry)
+        what, info = f"expert host {cfg.host_id} serving {len(cfg.experts)} experts", {"host_id": cfg.host_id}
+    else:
+        cfg = spec.router
+        telemetry = start_telemetry(TelemetryConfig("moemesh-router", (), cfg.server.host, spec.metrics_port))
+        running = await start_router(cfg, telemetry=telemetry)
+        what, info = f"router serving {cfg.model} over {len(cfg.hosts)} expert hosts", {}
+    _write_ready(ready_file, {"address": running.address, "pid": os.getpid(), **info})
+    print(f"{what} on {running.address}", flush=True)
+    _print_metrics(telemetry)
+    await _serve_until_signal(running.server, running.stop)
 
 
-async def _serve_expert(args: argparse.Namespace) -> None:
-    from moemesh.services.launch import ExpertHostConfig, start_expert_host
+def _serve_expert(args: argparse.Namespace) -> int:
+    from moemesh.services.launch import ExpertHostConfig
 
-    telemetry = start_telemetry(_telemetry_config(args, "moemesh-expert", ((HOST_ATTRIBUTE, args.host_id),)))
+    from .local import ProcessSpec
+
     config = ExpertHostConfig(
         model=args.model,
         host_id=args.host_id,
@@ -76,24 +95,31 @@ async def _serve_expert(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         server=_server_config(args),
     )
-    host = await start_expert_host(config, telemetry=telemetry)
-    _write_ready(args.ready_file, {"address": host.address, "host_id": args.host_id, "pid": os.getpid()})
-    print(f"expert host {args.host_id} serving {len(config.experts)} experts on {host.address}", flush=True)
-    _print_metrics(telemetry)
-    await _serve_until_signal(host.server, host.stop)
+    asyncio.run(_serve(ProcessSpec(expert=config, metrics_port=args.metrics_port), args.ready_file))
+    return 0
 
 
-async def _serve_router(args: argparse.Namespace) -> None:
-    from moemesh.services.launch import RouterConfig, start_router
+def _serve_router(args: argparse.Namespace) -> int:
+    from moemesh.services.launch import RouterConfig
 
-    telemetry = start_telemetry(_telemetry_config(args, "moemesh-router"))
+    from .local import ProcessSpec
+
     hosts = tuple(a.strip() for a in args.experts_at.split(",") if a.strip())
     config = RouterConfig(model=args.model, hosts=hosts, server=_server_config(args))
-    router = await start_router(config, telemetry=telemetry)
-    _write_ready(args.ready_file, {"address": router.address, "pid": os.getpid()})
-    print(f"router serving {args.model} on {router.address} over {len(hosts)} expert hosts", flush=True)
-    _print_metrics(telemetry)
-    await _serve_until_signal(router.server, router.stop)
+    asyncio.run(_serve(ProcessSpec(router=config, metrics_port=args.metrics_port), args.ready_file))
+    return 0
+
+
+def _serve_spec(args: argparse.Namespace) -> int:
+    import torch
+
+    from .local import ProcessSpec
+
+    spec = ProcessSpec.from_json(Path(args.spec).read_bytes())
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    asyncio.run(_serve(spec, args.ready_file))
+    return 0
 
 
 def _print_metrics(telemetry) -> None:
@@ -103,7 +129,7 @@ def _print_metrics(telemetry) -> None:
 
 def parse_devices(text: str) -> dict[str, float]:
     """ "H100:1,A100-80G:2,CPU:3" -> Ray resources {"device:H100": 1, ...} for an embedded instance."""
-    from .planner import DEVICE_RESOURCE_PREFIX
+    from .discovery import DEVICE_RESOURCE_PREFIX
 
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -121,25 +147,35 @@ def _otel_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
 
 
-def _ray_config(args: argparse.Namespace):
-    from .planner import load_accelerator_overrides
+def _mesh_config(args: argparse.Namespace):
+    """The typed config of `moemesh up`, for the chosen backend (Ray adds its own settings)."""
+    from .backend import Backend, MeshConfig
+
+    common = {
+        "model": args.model,
+        "num_hosts": args.hosts,
+        "device": args.device,
+        "dtype": args.dtype,
+        "router_port": args.port,
+        "max_message_bytes": args.max_message_mb * 1024 * 1024,
+        "metrics_port": args.metrics_port,
+        "replicas": args.replicas,
+        "env": _otel_env(),
+    }
+    if Backend(args.backend) is not Backend.RAY:
+        return MeshConfig(host=args.host, **common)
+
+    from .cluster import load_accelerator_overrides
     from .ray_mesh import RayMeshConfig
 
     embedded = args.address is None
     return RayMeshConfig(
-        model=args.model,
         address=args.address,
         num_cpus=(os.cpu_count() or 1) if embedded else None,
         resources=parse_devices(args.devices or f"CPU:{args.hosts}") if embedded else {},
-        replicas=args.replicas,
-        device=args.device,
-        dtype=args.dtype,
         max_restarts=args.max_restarts,
-        router_port=args.port,
-        max_message_bytes=args.max_message_mb * 1024 * 1024,
-        metrics_port=args.metrics_port,
-        env=_otel_env(),
         accelerators=load_accelerator_overrides(args.accelerators) if args.accelerators else {},
+        **common,
     )
 
 
@@ -155,48 +191,24 @@ def _wait_for_stop(still_up=lambda: True) -> None:
 def _up(args: argparse.Namespace) -> int:
     from moemesh.client import Client
 
+    from .backend import make_backend
     from .report import print_topology
 
     say = lambda m: print(f"  {m}", flush=True)  # noqa: E731
     configure_tracing("moemesh-cli")  # this process's own calls; the servers configure their own
-    if args.backend == "processes":
-        from .local import MeshConfig, ProcessMesh
-
-        config = MeshConfig(
-            args.model,
-            args.hosts,
-            args.device,
-            args.dtype,
-            args.host,
-            args.port,
-            args.max_message_mb * 1024 * 1024,
-            metrics_port=args.metrics_port,
-        )
-        with ProcessMesh(config, on_event=say) as mesh:
-            with Client(mesh.address) as client:
-                print_topology(client.topology())
-            print(f"\nrouter listening on {mesh.address}; Ctrl-C to stop", flush=True)
-            _wait_for_stop()
-            print("stopping", flush=True)
-        return 0
-
-    from .ray_mesh import ROUTER_NAME, RayMesh, mesh_actor_names
-
-    mesh = RayMesh(_ray_config(args), on_event=say).start()
-    with Client(mesh.address) as client:
-        print_topology(client.topology())
-    if not mesh.embedded:
-        print(
-            f"\nrouter listening on {mesh.address} (Ray name {ROUTER_NAME!r}); `moemesh down` removes it",
-            flush=True,
-        )
-        return 0
-    print(f"\nrouter listening on {mesh.address}; Ctrl-C or `moemesh down` to stop", flush=True)
+    mesh = make_backend(args.backend, _mesh_config(args), on_event=say).start()
     try:
-        _wait_for_stop(lambda: ROUTER_NAME in mesh_actor_names(mesh.config.namespace))
-    finally:
+        with Client(mesh.address) as client:
+            print_topology(client.topology())
+        if mesh.detached:
+            print(f"\nrouter listening on {mesh.address}; `moemesh down` removes the mesh", flush=True)
+            return 0
+        print(f"\nrouter listening on {mesh.address}; Ctrl-C or `moemesh down` to stop", flush=True)
+        _wait_for_stop(mesh.alive)
         print("stopping", flush=True)
-        mesh.close()
+    finally:
+        if not mesh.detached:
+            mesh.close()
     return 0
 
 
@@ -224,7 +236,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .planner import run_plan
+    from .plan_command import run_plan
 
     return run_plan(args.model, args.cluster, args.replicas, args.json)
 
@@ -255,13 +267,13 @@ def _models(args: argparse.Namespace) -> int:
         ls = spec.layers[0]
         print(
             f"{name:18s} {spec.family:12s} layers={[x.layer for x in spec.layers]} hidden={ls.hidden_size} "
-            f"experts={ls.num_experts} top_k={spec.routing.top_k} shared={ls.shared_intermediate_size > 0}"
+            f"experts={ls.num_experts} top_k={ls.gate.top_k} shared={ls.shared_intermediate_size > 0}"
         )
     return 0
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from . import trace_view
+    from .traces import view as trace_view
 
     if args.trace_command == "serve":
         return trace_view.serve_receiver(args.host, args.port, args.out or None, args.print_traces)
@@ -312,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     def device_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", help="cpu, cuda[:N], xpu, mps or auto (default: auto)")
         p.add_argument(
-            "--dtype", default="float32", choices=DTYPES, help="expert compute dtype (default: float32)"
+            "--dtype", default="float32", choices=FLOAT_DTYPES, help="expert compute dtype (default: float32)"
         )
 
     p = sub.add_parser("serve-expert", help="serve the FFNs of some experts")
@@ -323,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     threads_arg(p)
     metrics_arg(p)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
-    p.set_defaults(run=lambda a: asyncio.run(_serve_expert(a)) or 0)
+    p.set_defaults(run=_serve_expert)
 
     p = sub.add_parser("serve-router", help="serve the router over running expert hosts")
     model_args(p, port_default=50051)
@@ -331,7 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     threads_arg(p)
     metrics_arg(p)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
-    p.set_defaults(run=lambda a: asyncio.run(_serve_router(a)) or 0)
+    p.set_defaults(run=_serve_router)
+
+    p = sub.add_parser(
+        "serve", help="serve what a ProcessSpec JSON file describes (used by --backend processes)"
+    )
+    p.add_argument(
+        "--spec", required=True, help="ProcessSpec JSON: an expert host or a router, threads, metrics port"
+    )
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)
+    p.set_defaults(run=_serve_spec)
 
     p = sub.add_parser("up", help="deploy the mesh on Ray (embedded local instance unless --address)")
     model_args(p, port_default=50051)
@@ -363,9 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        choices=["ray", "processes"],
-        default="ray",
-        help="ray (default), or one plain OS process per host without Ray",
+        choices=[b.value for b in Backend],
+        default=Backend.RAY.value,
+        help="ray (default); processes: one plain OS process per host, no Ray; embedded: all in this process",
     )
     metrics_arg(p, " for the router, PORT+1+i for expert host i")
     p.set_defaults(run=_up)

@@ -26,7 +26,7 @@ from moemesh.router.pipeline import SparseMoE
 from moemesh.services.launch import build_layers
 from moemesh.services.transport import InProcessTransport
 
-from .planner import DEVICE_RESOURCE_PREFIX
+from .discovery import DEVICE_RESOURCE_PREFIX
 from .ray_mesh import RayMesh, RayMeshConfig
 from .report import balance, load_bars, print_topology
 

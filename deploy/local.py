@@ -1,10 +1,10 @@
-"""A whole mesh on this machine, two ways.
+"""A whole mesh on this machine, two of the `MeshBackend`s (backend.py).
 
 - `EmbeddedMesh`: expert hosts and router in this process, served by a background event loop
   (tests, notebooks, `offload_experts`). Real gRPC servers on 127.0.0.1, port 0.
 - `ProcessMesh`: one OS process per expert host and one for the router, without Ray
-  (`moemesh up --backend processes`).
-  Children bind port 0 and report the address through a ready file.
+  (`moemesh up --backend processes`). Each child gets one `ProcessSpec` as a JSON file
+  (`moemesh serve --spec FILE`), binds port 0 and reports its address through a ready file.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import TypeAdapter
+
 from moemesh.experts.weights import open_source
+from moemesh.protos.spec import ExpertKey, describe_experts, dtype_info
 from moemesh.services.bootstrap import ServerConfig
 from moemesh.services.launch import (
     ExpertHost,
@@ -33,22 +36,47 @@ from moemesh.services.launch import (
 )
 from moemesh.services.telemetry import Telemetry
 
-from .placement import contiguous_placement, format_experts
+from .backend import MeshConfig
+from .cluster import ClusterSpec, NodeGroup
+from .lpt import plan_placement
+
+
+def local_placement(config: MeshConfig) -> list[tuple[ExpertKey, ...]]:
+    """The experts of each of `config.num_hosts` CPU hosts on this machine, from the planner (no extra
+    replicas unless `config.replicas` asks for them)."""
+    if config.num_hosts < 1:
+        raise ValueError(f"num_hosts must be >= 1, got {config.num_hosts}")
+    cluster = ClusterSpec(
+        name="local", groups=(NodeGroup(name="local", accelerator="CPU", devices_per_node=config.num_hosts),)
+    )
+    spec = open_source(config.model).spec
+    plan = plan_placement(
+        spec, cluster, replicas_budget=config.replicas or 0, dtype_bytes=dtype_info(config.dtype).itemsize
+    )
+    return [assignment.experts for assignment in plan.hosts()]
 
 
 @dataclass(frozen=True)
-class MeshConfig:
-    """A local mesh: model (preset or checkpoint dir), number of expert hosts, device and dtype."""
+class ProcessSpec:
+    """Everything one mesh process serves, parsed once: from `serve-expert` / `serve-router` flags,
+    or from the JSON file a ProcessMesh writes for its child (`moemesh serve --spec FILE`).
+    Exactly one of `expert` and `router` is set."""
 
-    model: str
-    num_hosts: int = 3
-    device: str = "auto"
-    dtype: str = "float32"
-    host: str = "127.0.0.1"
-    router_port: int = 0
-    max_message_bytes: int = ServerConfig.max_message_bytes
-    # ProcessMesh only: 0 = no /metrics; else the router serves it on this port, host i on port + 1 + i.
-    metrics_port: int = 0
+    expert: ExpertHostConfig | None = None
+    router: RouterConfig | None = None
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    metrics_port: int = 0  # 0 = no /metrics
+
+    def __post_init__(self) -> None:
+        if (self.expert is None) == (self.router is None):
+            raise ValueError("a ProcessSpec serves exactly one of an expert host and a router")
+
+    def to_json(self) -> bytes:
+        return _SPEC.dump_json(self)
+
+    @staticmethod
+    def from_json(data: str | bytes) -> ProcessSpec:
+        return _SPEC.validate_json(data)
 
 
 class LoopThread:
@@ -75,11 +103,19 @@ class LoopThread:
 class EmbeddedMesh:
     """Expert hosts + router in this process. Use as a context manager or call start()/close()."""
 
-    def __init__(self, config: MeshConfig, telemetry: Telemetry | None = None):
+    detached = False
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        telemetry: Telemetry | None = None,
+        on_event: Callable[[str], None] = lambda msg: None,
+    ):
         """telemetry: where every server of the mesh reports spans and metrics (default: the
         global tracer provider, no metrics)."""
         self.config = config
         self.telemetry = telemetry
+        self.on_event = on_event
         self.hosts: list[ExpertHost] = []
         self.router: RouterHost | None = None
         self._loop: LoopThread | None = None
@@ -99,19 +135,18 @@ class EmbeddedMesh:
         return self
 
     async def _start(self) -> None:
-        cfg = self.config
-        spec = open_source(cfg.model).spec
-        server = ServerConfig(host=cfg.host, port=0, max_message_bytes=cfg.max_message_bytes)
-        for i, experts in enumerate(contiguous_placement(spec, cfg.num_hosts)):
-            host_cfg = ExpertHostConfig(cfg.model, f"host-{i}", experts, cfg.device, cfg.dtype, server)
+        for host_cfg in host_configs(self.config):
+            self.on_event(
+                f"starting expert host {host_cfg.host_id} with {describe_experts(host_cfg.experts)}"
+            )
             self.hosts.append(await start_expert_host(host_cfg, telemetry=self.telemetry))
-        router_server = ServerConfig(
-            host=cfg.host, port=cfg.router_port, max_message_bytes=cfg.max_message_bytes
-        )
+        self.on_event("starting router")
         self.router = await start_router(
-            RouterConfig(cfg.model, tuple(h.address for h in self.hosts), server=router_server),
-            telemetry=self.telemetry,
+            router_config(self.config, [h.address for h in self.hosts]), telemetry=self.telemetry
         )
+
+    def alive(self) -> bool:
+        return self._loop is not None and self._loop.alive
 
     @property
     def address(self) -> str:
@@ -139,6 +174,22 @@ class EmbeddedMesh:
         self.close()
 
 
+def host_configs(config: MeshConfig) -> list[ExpertHostConfig]:
+    """One expert host per placement entry, each on port 0 of `config.host`."""
+    server = ServerConfig(host=config.host, port=0, max_message_bytes=config.max_message_bytes)
+    return [
+        ExpertHostConfig(config.model, f"host-{i}", experts, config.device or "auto", config.dtype, server)
+        for i, experts in enumerate(local_placement(config))
+    ]
+
+
+def router_config(config: MeshConfig, host_addresses: list[str]) -> RouterConfig:
+    server = ServerConfig(
+        host=config.host, port=config.router_port, max_message_bytes=config.max_message_bytes
+    )
+    return RouterConfig(config.model, tuple(host_addresses), server=server)
+
+
 @dataclass
 class _Child:
     name: str
@@ -150,6 +201,8 @@ class _Child:
 class ProcessMesh:
     """One process per expert host plus a router process, all on this machine."""
 
+    detached = False
+
     def __init__(
         self,
         config: MeshConfig,
@@ -158,21 +211,23 @@ class ProcessMesh:
         env: Mapping[str, str] | None = None,
     ):
         """env: more environment variables for the children (e.g. OTEL_EXPORTER_OTLP_ENDPOINT),
-        on top of this process's own."""
+        on top of this process's own and `config.env`."""
         self.config = config
         self.on_event = on_event
-        self.env = dict(env or {})
+        self.env = {**config.env, **(env or {})}
         self._tmp = tempfile.TemporaryDirectory(prefix="moemesh-")
         self.log_dir = Path(log_dir) if log_dir else Path(self._tmp.name)
         self.children: list[_Child] = []
         self.router: _Child | None = None
 
-    def _spawn(self, name: str, args: list[str]) -> _Child:
-        ready = Path(self._tmp.name) / f"{name}.ready.json"
+    def _spawn(self, name: str, spec: ProcessSpec) -> _Child:
+        work = Path(self._tmp.name)
+        spec_file, ready = work / f"{name}.spec.json", work / f"{name}.ready.json"
+        spec_file.write_bytes(spec.to_json())
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - owned by the child
-        cmd = [sys.executable, "-m", "moemesh.deploy.cli", *args, "--ready-file", str(ready)]
+        cmd = [sys.executable, "-m", "moemesh.deploy.cli", "serve", "--spec", str(spec_file)]
         proc = subprocess.Popen(
-            cmd,
+            [*cmd, "--ready-file", str(ready)],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -181,9 +236,8 @@ class ProcessMesh:
         log.close()
         return _Child(name, proc, ready)
 
-    def _metrics_args(self, offset: int) -> list[str]:
-        port = self.config.metrics_port
-        return ["--metrics-port", str(port + offset)] if port else []
+    def _metrics_port(self, offset: int) -> int:
+        return self.config.metrics_port + offset if self.config.metrics_port else 0
 
     def _wait_ready(self, children: list[_Child], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -205,58 +259,20 @@ class ProcessMesh:
 
     def start(self, timeout: float = 120.0) -> ProcessMesh:
         cfg = self.config
-        spec = open_source(cfg.model).spec
-        common = [
-            "--model",
-            str(cfg.model),
-            "--host",
-            cfg.host,
-            "--max-message-mb",
-            str(cfg.max_message_bytes // (1024 * 1024)),
-        ]
         try:
             # Split the cores: one share per expert host and one for the router.
-            threads = str(max(1, (os.cpu_count() or 1) // (cfg.num_hosts + 1)))
-            for i, experts in enumerate(contiguous_placement(spec, cfg.num_hosts)):
-                self.on_event(f"starting expert host host-{i} with experts {format_experts(experts)}")
-                self.children.append(
-                    self._spawn(
-                        f"host-{i}",
-                        [
-                            "serve-expert",
-                            *common,
-                            "--host-id",
-                            f"host-{i}",
-                            "--experts",
-                            format_experts(experts),
-                            "--device",
-                            cfg.device,
-                            "--dtype",
-                            cfg.dtype,
-                            "--port",
-                            "0",
-                            "--threads",
-                            threads,
-                            *self._metrics_args(1 + i),
-                        ],
-                    )
+            threads = max(1, (os.cpu_count() or 1) // (cfg.num_hosts + 1))
+            for i, host_cfg in enumerate(host_configs(cfg)):
+                self.on_event(
+                    f"starting expert host {host_cfg.host_id} with {describe_experts(host_cfg.experts)}"
                 )
+                spec = ProcessSpec(expert=host_cfg, threads=threads, metrics_port=self._metrics_port(1 + i))
+                self.children.append(self._spawn(host_cfg.host_id, spec))
             self._wait_ready(self.children, timeout)
-            addresses = ",".join(c.info["address"] for c in self.children)
             self.on_event("starting router")
+            router = router_config(cfg, [c.info["address"] for c in self.children])
             self.router = self._spawn(
-                "router",
-                [
-                    "serve-router",
-                    *common,
-                    "--experts-at",
-                    addresses,
-                    "--port",
-                    str(cfg.router_port),
-                    "--threads",
-                    threads,
-                    *self._metrics_args(0),
-                ],
+                "router", ProcessSpec(router=router, threads=threads, metrics_port=self._metrics_port(0))
             )
             self._wait_ready([self.router], timeout)
         except BaseException:
@@ -268,6 +284,9 @@ class ProcessMesh:
     def address(self) -> str:
         assert self.router is not None, "mesh not started"
         return self.router.info["address"]
+
+    def alive(self) -> bool:
+        return self.router is not None and self.router.proc.poll() is None
 
     def close(self, timeout: float = 15.0) -> None:
         everyone = ([self.router] if self.router else []) + self.children
@@ -288,3 +307,6 @@ class ProcessMesh:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_SPEC = TypeAdapter(ProcessSpec)

@@ -28,12 +28,18 @@ import ray
 import torch
 
 from moemesh.experts.device import device_healthy
-from moemesh.services.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
+from moemesh.protos.spec import dtype_info
+from moemesh.services.bootstrap import ServerConfig
 from moemesh.services.launch import ExpertHostConfig, RouterConfig, start_expert_host, start_router
 from moemesh.services.telemetry import HOST_ATTRIBUTE, Telemetry, TelemetryConfig, start_telemetry
 
+from .backend import MeshConfig
+from .cluster import ClusterSpec
+from .discovery import cluster_from_ray_resources
 from .local import LoopThread
-from .planner import ClusterSpec, PlacementPlan, cluster_from_ray_resources, model_spec, plan_placement
+from .lpt import plan_placement
+from .plan import PlacementPlan
+from .plan_command import model_spec
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +49,25 @@ HOST_PREFIX = "moemesh-host-"
 
 
 @dataclass(frozen=True)
-class RayMeshConfig:
-    """How to deploy. With `address=None` an embedded local Ray instance is started.
+class RayMeshConfig(MeshConfig):
+    """`MeshConfig` plus how to deploy on Ray. With `address=None` an embedded local Ray instance is
+    started.
 
     num_cpus / resources: the embedded instance's resources (custom resources named
     `device:<accelerator>` stand for devices on a CPU-only machine). device: torch device for every
-    host (None = the accelerator's own, e.g. cuda for H100). replicas: extra replicas of hot experts
-    (None = the planner's default). max_restarts: how often Ray restarts a dead host.
+    host (None = the accelerator's own, e.g. cuda for H100). max_restarts: how often Ray restarts a
+    dead host. Placement comes from the cluster's devices (`num_hosts` is not used).
     """
 
-    model: str
+    device: str | None = None
     address: str | None = None
     namespace: str = NAMESPACE
     num_cpus: int | None = None
     resources: Mapping[str, float] = field(default_factory=dict)
     cluster: ClusterSpec | None = None
-    replicas: int | None = None
-    device: str | None = None
-    dtype: str = "float32"
     max_restarts: int = 3
-    router_port: int = 0
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     threads_per_host: int = 1
     health_interval_s: float = 5.0
-    metrics_port: int = 0  # router's /metrics port; host i uses metrics_port + 1 + i; 0 = no metrics
-    env: Mapping[str, str] = field(default_factory=dict)  # for every actor, e.g. OTEL_* settings
     accelerators: Mapping[str, Any] = field(default_factory=dict)  # overrides of the accelerator table
 
 
@@ -231,7 +231,7 @@ def _actor_options(slot, name: str, config: RayMeshConfig, detached: bool) -> di
 
 
 class RayMesh:
-    """Deploys (start) and removes (close) a whole mesh on Ray."""
+    """Deploys (start) and removes (close) a whole mesh on Ray (a `MeshBackend`)."""
 
     def __init__(self, config: RayMeshConfig, on_event: Callable[[str], None] = lambda msg: None):
         self.config = config
@@ -247,6 +247,14 @@ class RayMesh:
     def embedded(self) -> bool:
         return self.config.address is None
 
+    @property
+    def detached(self) -> bool:
+        """A mesh on a Ray cluster outlives `moemesh up`; `moemesh down` removes it."""
+        return not self.embedded
+
+    def alive(self) -> bool:
+        return ray.is_initialized() and ROUTER_NAME in mesh_actor_names(self.config.namespace)
+
     def _init_ray(self) -> None:
         cfg = self.config
         if ray.is_initialized():
@@ -261,7 +269,7 @@ class RayMesh:
         cfg = self.config
         overrides = dict(cfg.accelerators)
         cluster = cfg.cluster or cluster_from_ray_resources(ray.nodes(), accelerators=overrides)
-        dtype_bytes = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
+        dtype_bytes = dtype_info(cfg.dtype).itemsize
         return plan_placement(
             model_spec(cfg.model),
             cluster,

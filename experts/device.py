@@ -13,6 +13,7 @@ import torch
 
 _AUTO_ORDER: tuple[str, ...] = ("cuda", "xpu", "mps", "cpu")
 
+
 def _available(kind: str) -> bool:
     """Whether torch can use devices of this type in this process."""
     if kind == "cpu":

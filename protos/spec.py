@@ -158,9 +158,7 @@ class GateConfig:
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if self.n_group < 1 or self.num_experts % self.n_group:
-            raise ValueError(
-                f"n_group={self.n_group} must be >= 1 and divide the {self.num_experts} experts"
-            )
+            raise ValueError(f"n_group={self.n_group} must be >= 1 and divide the {self.num_experts} experts")
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"topk_group={self.topk_group} must be in 1..{self.n_group} (n_group)")
         if not 1 <= self.top_k <= self.num_experts:
