@@ -1,4 +1,4 @@
-.PHONY: generate lint format test demo
+.PHONY: generate lint format test demo imports
 
 generate:  ## regenerate protos/moemesh_pb2*.py from protos/moemesh.proto
 	python -m moemesh.protos.generate
@@ -16,3 +16,6 @@ test:
 
 demo:
 	moemesh demo
+
+imports:  ## the import graph of moemesh's packages (tests/unit/test_layers.py checks its layering)
+	python -m tests.import_graph

@@ -10,11 +10,11 @@ import torch
 
 from moemesh.client import Client, InvalidArgumentError, RoutingMode, RoutingPolicy
 from moemesh.deploy.local import EmbeddedMesh, MeshConfig
-from moemesh.experts.weights import open_source
+from moemesh.experts.weights import open_source, preset_config
 from moemesh.protos import moemesh_pb2 as pb
 from moemesh.protos import moemesh_pb2_grpc as pb_grpc
 from moemesh.protos import wire
-from tests.references import dense_reference
+from tests.references import assert_matches_reference
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +40,10 @@ def _good(router) -> None:
     """A valid request right after the bad one: served, and exact."""
     source = open_source(MODEL)
     hidden = torch.randn(8, H, generator=torch.Generator().manual_seed(0))
-    reply = router.Forward(
-        pb.ForwardRequest(layer=0, hidden=wire.encode_tensor(hidden), return_routing=True)
-    )
+    reply = router.Forward(pb.ForwardRequest(layer=0, hidden=wire.encode_tensor(hidden), return_routing=True))
     out = wire.decode_tensor(reply.hidden, "hidden")
     routing = wire.decode_routing(reply.routing)
-    expected = dense_reference(source, 0, hidden, routing.experts, routing.weights)
-    assert (out.double() - expected).abs().max().item() <= 1e-5
+    assert_matches_reference(source, preset_config(MODEL), 0, hidden, out, routing)
 
 
 def _hidden(shape=(4, H), dtype=torch.float32) -> pb.Tensor:

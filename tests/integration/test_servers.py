@@ -1,6 +1,8 @@
-"""Every server: health, reflection, graceful stop; and the CLI's local meshes."""
+"""Every server: health, reflection, graceful stop, deadlines; and the CLI's local meshes."""
 
 from __future__ import annotations
+
+import threading
 
 import grpc
 import pytest
@@ -8,10 +10,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from moemesh.client import Client, UnavailableError
+from moemesh.client import Client, DeadlineExceededError, UnavailableError
 from moemesh.deploy.local import EmbeddedMesh, MeshConfig, ProcessMesh
-from moemesh.experts.weights import open_source
-from tests.references import dense_reference
+from moemesh.experts.weights import open_source, preset_config
+from moemesh.protos.spec import Segment
+from moemesh.router.pipeline import DeadlineExceeded
+from tests.references import assert_matches_reference
 
 pytestmark = pytest.mark.integration
 
@@ -46,9 +50,11 @@ def test_health_reflection_and_graceful_stop():
         with pytest.raises(grpc.RpcError) as info:
             _health(host.address, "moemesh.v1.Expert")
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        with Client(mesh.address) as client:
-            with pytest.raises(UnavailableError, match=r"no live replica for layer 0 expert \d"):
+        # A long deadline: UNAVAILABLE, not DEADLINE_EXCEEDED, proves the router answered at once.
+        with Client(mesh.address, timeout=120) as client:
+            with pytest.raises(UnavailableError, match=r"no live replica for layer 0 expert \d") as info:
                 client.forward(torch.randn(64, 64), layer=0)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         mesh.close()
 
@@ -65,6 +71,66 @@ def test_process_mesh_serves_cli_processes():
             out, routing = c.forward(hidden, layer=layer, return_routing=True)
     finally:
         mesh.close()
-    expected = dense_reference(source, layer, hidden, routing.experts, routing.weights)
-    assert (out.double() - expected).abs().max().item() <= 1e-5
+    assert_matches_reference(source, preset_config("tiny-deepseek-v3"), layer, hidden, out, routing)
     assert all(p.poll() is not None for p in processes)
+
+
+class _HeldBank:
+    """An expert host's bank whose computations wait for `release`: a host that does not answer."""
+
+    def __init__(self, bank, release: threading.Event):
+        self._bank, self._release = bank, release
+
+    def __getattr__(self, name):
+        return getattr(self._bank, name)
+
+    def compute(self, segments, rows):
+        self._release.wait(120)
+        return self._bank.compute(segments, rows)
+
+
+class _TimeoutRecorder:
+    """The router's transport, recording the timeout the router gives each expert call."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.timeouts: list[float | None] = []
+
+    async def compute(self, host, segments, rows, timeout):
+        self.timeouts.append(timeout)
+        return await self.inner.compute(host, segments, rows, timeout)
+
+
+def test_slow_hosts_and_a_short_deadline_give_deadline_exceeded():
+    """The caller's deadline reaches every expert call: the router gives it on (not None, never
+    longer), and the transport holds its gRPC call to it. The hosts here never answer by themselves,
+    so without the deadline the calls below would hang until the test releases the hosts."""
+    release = threading.Event()
+    mesh = EmbeddedMesh(MeshConfig("tiny-mixtral", num_hosts=2, device="cpu")).start()
+    try:
+        for host in mesh.hosts:
+            host.servicer.bank = _HeldBank(host.servicer.bank, release)
+        moe = mesh.router.servicer.moe
+        transport = moe.transport
+        moe.transport = recorder = _TimeoutRecorder(transport)
+
+        with Client(mesh.address, timeout=2.0) as client:
+            with pytest.raises(DeadlineExceededError) as info:
+                client.forward(torch.randn(8, 64), layer=0)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert recorder.timeouts, "the router called no expert host"
+        # the caller's 2 s, as the router received it (gRPC rounds the timeout header up slightly)
+        assert all(t is not None and 0 < t <= 2.5 for t in recorder.timeouts), recorder.timeouts
+
+        # The transport itself: a 0.5 s timeout on a host that does not answer is DEADLINE_EXCEEDED.
+        host = mesh.hosts[0]
+        layer, expert = host.servicer.bank.experts[0]
+        call = transport.compute(
+            host.servicer.host_id, [Segment(layer, expert, 0, 4)], torch.randn(4, 64), 0.5
+        )
+        with pytest.raises(DeadlineExceeded):
+            mesh.call(call, timeout=30)
+        assert not release.is_set()  # every answer above came from a deadline, none from a host
+    finally:
+        release.set()
+        mesh.close()

@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from moemesh.experts import weights as weights_module
 from moemesh.experts.ffn import ExpertBank
 from moemesh.experts.model import SUPPORTED_FAMILIES, spec_from_config
-from moemesh.protos.spec import Segment, UnsupportedModel
 from moemesh.experts.weights import (
     PRESETS,
     CheckpointSource,
@@ -21,63 +20,10 @@ from moemesh.experts.weights import (
     open_source,
     preset_config,
 )
+from moemesh.protos.spec import Segment, UnsupportedModel
+from tests import hf_configs
 
 transformers = pytest.importorskip("transformers")
-
-COMMON = dict(
-    vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2
-)
-
-CONFIGS = {
-    "mixtral": lambda: transformers.MixtralConfig(
-        **COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2
-    ),
-    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
-        **COMMON,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=24,
-        num_experts=4,
-        num_experts_per_tok=2,
-    ),
-    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
-        **COMMON, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True
-    ),
-    "olmoe": lambda: transformers.OlmoeConfig(
-        **COMMON, intermediate_size=16, num_experts=4, num_experts_per_tok=2
-    ),
-    "deepseek_v3": lambda: transformers.DeepseekV3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_routed_experts=8,
-        n_group=2,
-        topk_group=1,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        q_lora_rank=None,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-    ),
-}
-
-
-def _build(family: str):
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]())
-    with torch.no_grad():
-        for layer in model.model.layers:
-            gate = getattr(layer.mlp, "gate", None)
-            if gate is not None and hasattr(gate, "e_score_correction_bias"):
-                # transformers initialises the selection bias to zeros; make it worth comparing
-                gate.e_score_correction_bias.copy_(torch.randn(gate.e_score_correction_bias.shape))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +31,7 @@ def saved(tmp_path_factory):
     """family -> (model, checkpoint directory written by save_pretrained)"""
     out = {}
     for family in SUPPORTED_FAMILIES:
-        model = _build(family)
+        model = hf_configs.causal_lm(family)
         directory = tmp_path_factory.mktemp(family)
         model.save_pretrained(directory)
         out[family] = (model, directory)
@@ -168,7 +114,7 @@ def test_bank_from_checkpoint_matches_transformers_experts(saved):
     bank = ExpertBank.from_source(
         open_source(directory), [(1, 0), (1, 3)], torch.device("cpu"), torch.float32
     )
-    x = torch.randn(6, 32)
+    x = torch.randn(6, model.config.hidden_size)
     with torch.no_grad():
         # Route rows 0-2 to expert 3 and rows 3-5 to expert 0, each with weight 1.
         index = torch.tensor([[3]] * 3 + [[0]] * 3)

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from moemesh.router.dispatch import NoReplica, RoutingTable, combine, pack, plan, replan
 from moemesh.protos.spec import GateConfig, Routing
+from moemesh.router.dispatch import NoReplica, RoutingTable, combine, pack, plan, replan
 from moemesh.router.pipeline import DeadlineExceeded, HostUnavailable, MoELayer, SparseMoE
 
 E, H = 6, 4
@@ -90,17 +90,26 @@ def test_plan_raises_no_replica_naming_layer_and_expert():
 
 
 class FakeTransport:
-    """Expert e of any layer computes x * (e + 1); hosts in `down` are unreachable."""
+    """Expert e of any layer computes x * (e + 1); hosts in `down` are unreachable.
+
+    A host with a `delay` answers after that many seconds unless the call's timeout passes first,
+    as a gRPC call with that deadline would (DeadlineExceeded). `timeouts` records each call's.
+    """
 
     def __init__(self, down=(), delay=0.0):
         self.down = set(down)
         self.delay = delay
         self.calls: list[str] = []
+        self.timeouts: list[float | None] = []
 
     async def compute(self, host, segments, rows, timeout):
         self.calls.append(host)
+        self.timeouts.append(timeout)
         if self.delay:
-            await asyncio.sleep(self.delay)
+            try:
+                await asyncio.wait_for(asyncio.sleep(self.delay), timeout)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"host {host}: no answer within {timeout}s") from None
         if host in self.down:
             raise HostUnavailable(host, "down")
         out = torch.empty_like(rows)
@@ -161,9 +170,31 @@ def test_forward_without_live_replica_raises_no_replica():
 
 
 def test_forward_passes_deadline():
-    moe = _moe(FakeTransport())
+    # Hosts that answer after 30 s and a 0.5 s deadline: the forward must fail with the deadline.
+    # Without the caller's deadline on the expert calls it would succeed 30 s later.
+    transport = FakeTransport(delay=30.0)
+    moe = _moe(transport)
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(moe.forward(0, torch.randn(4, H), timeout=0.5))
+    assert transport.calls and len(transport.timeouts) == len(transport.calls)
+    assert all(t is not None and 0 < t <= 0.5 for t in transport.timeouts), transport.timeouts
+    moe.close()
+
+
+def test_forward_past_its_deadline_calls_no_host():
+    transport = FakeTransport()
+    moe = _moe(transport)
     with pytest.raises(DeadlineExceeded):
         asyncio.run(moe.forward(0, torch.randn(4, H), timeout=0.0))
+    assert transport.calls == []
+    moe.close()
+
+
+def test_forward_without_deadline_gives_hosts_none():
+    transport = FakeTransport()
+    moe = _moe(transport)
+    asyncio.run(moe.forward(0, torch.randn(4, H)))
+    assert transport.timeouts and all(t is None for t in transport.timeouts)
     moe.close()
 
 

@@ -10,6 +10,8 @@ import torch
 
 from moemesh.protos.spec import GateConfig, InvalidRouting, Routing, RoutingMode, RoutingPolicy, ScoreFunction
 from moemesh.router.gating import effective_k, gate_scores, route, validate_policy
+from tests import hf_configs
+from tests.references import assert_same_choices, choices, naive_route
 
 T, H = 64, 32
 SOFTMAX, SIGMOID = ScoreFunction.SOFTMAX, ScoreFunction.SIGMOID
@@ -48,78 +50,43 @@ def _chosen(routing: Routing, num_experts: int) -> torch.Tensor:
 # Exact against transformers
 
 
-def _mixtral(norm: bool):
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
-
-    cfg = MixtralConfig(hidden_size=H, num_local_experts=8, num_experts_per_tok=2)
-    return MixtralTopKRouter(cfg), GateConfig(num_experts=8, top_k=2, norm_topk_prob=True)
-
-
-def _qwen2(norm: bool):
-    from transformers import Qwen2MoeConfig
-    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
-
-    cfg = Qwen2MoeConfig(hidden_size=H, num_experts=8, num_experts_per_tok=2, norm_topk_prob=norm)
-    return Qwen2MoeTopKRouter(cfg), GateConfig(num_experts=8, top_k=2, norm_topk_prob=norm)
-
-
-def _qwen3(norm: bool):
-    from transformers import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
-
-    cfg = Qwen3MoeConfig(hidden_size=H, num_experts=8, num_experts_per_tok=2, norm_topk_prob=norm)
-    return Qwen3MoeTopKRouter(cfg), GateConfig(num_experts=8, top_k=2, norm_topk_prob=norm)
-
-
-def _olmoe(norm: bool):
-    from transformers import OlmoeConfig
-    from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
-
-    cfg = OlmoeConfig(hidden_size=H, num_experts=8, num_experts_per_tok=2, norm_topk_prob=norm)
-    return OlmoeTopKRouter(cfg), GateConfig(num_experts=8, top_k=2, norm_topk_prob=norm)
-
-
-def _deepseek_v3(norm: bool):
-    from transformers import DeepseekV3Config
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
-
-    cfg = DeepseekV3Config(
-        hidden_size=H,
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=norm,
+def _router(family: str, norm: bool):
+    """The family's transformers router at hidden size H, and the GateConfig that must match it."""
+    if family == "deepseek_v3":
+        gate = GateConfig(
+            num_experts=16,
+            top_k=4,
+            score_function=SIGMOID,
+            norm_topk_prob=norm,
+            routed_scaling_factor=2.5,
+            n_group=4,
+            topk_group=2,
+        )
+        extra = dict(n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=norm)
+    else:
+        gate = GateConfig(num_experts=8, top_k=2, norm_topk_prob=norm)
+        extra = {} if family == "mixtral" else dict(norm_topk_prob=norm)  # Mixtral always renormalises
+    cfg = hf_configs.config(
+        family, hidden_size=H, num_experts=gate.num_experts, num_experts_per_tok=gate.top_k, **extra
     )
-    gate = GateConfig(
-        num_experts=16,
-        top_k=4,
-        score_function=SIGMOID,
-        norm_topk_prob=norm,
-        routed_scaling_factor=2.5,
-        n_group=4,
-        topk_group=2,
-    )
-    return DeepseekV3TopkRouter(cfg), gate
+    return hf_configs.router(family, cfg), gate
 
 
 FAMILIES = [
-    pytest.param(_mixtral, True, id="mixtral"),
-    pytest.param(_qwen2, True, id="qwen2_moe-norm"),
-    pytest.param(_qwen2, False, id="qwen2_moe-raw"),
-    pytest.param(_qwen3, True, id="qwen3_moe-norm"),
-    pytest.param(_olmoe, False, id="olmoe-raw"),
-    pytest.param(_olmoe, True, id="olmoe-norm"),
-    pytest.param(_deepseek_v3, True, id="deepseek_v3-norm"),
-    pytest.param(_deepseek_v3, False, id="deepseek_v3-raw"),
+    pytest.param("mixtral", True, id="mixtral"),
+    pytest.param("qwen2_moe", True, id="qwen2_moe-norm"),
+    pytest.param("qwen2_moe", False, id="qwen2_moe-raw"),
+    pytest.param("qwen3_moe", True, id="qwen3_moe-norm"),
+    pytest.param("olmoe", False, id="olmoe-raw"),
+    pytest.param("olmoe", True, id="olmoe-norm"),
+    pytest.param("deepseek_v3", True, id="deepseek_v3-norm"),
+    pytest.param("deepseek_v3", False, id="deepseek_v3-raw"),
 ]
 
 
-def _seeded_router(build, norm: bool, seed: int = 1):
+def _seeded_router(family: str, norm: bool, seed: int = 1):
     """The transformers router with seeded weights (and a non-zero bias for DeepSeek-V3)."""
-    router, gate = build(norm)
+    router, gate = _router(family, norm)
     g = _gen(seed)
     with torch.no_grad():
         router.weight.copy_(torch.randn(router.weight.shape, generator=g) / math.sqrt(H))
@@ -128,9 +95,9 @@ def _seeded_router(build, norm: bool, seed: int = 1):
     return router, gate
 
 
-@pytest.mark.parametrize(("build", "norm"), FAMILIES)
-def test_top_k_matches_transformers_router(build, norm):
-    router, gate = _seeded_router(build, norm)
+@pytest.mark.parametrize(("family", "norm"), FAMILIES)
+def test_top_k_matches_transformers_router(family, norm):
+    router, gate = _seeded_router(family, norm)
     bias = getattr(router, "e_score_correction_bias", None)
     hidden = torch.randn(T, H, generator=_gen(2))
 
@@ -147,7 +114,7 @@ def test_top_k_matches_transformers_router(build, norm):
 
 
 def test_deepseek_correction_bias_changes_choice_not_weights():
-    router, gate = _seeded_router(_deepseek_v3, True)
+    router, gate = _seeded_router("deepseek_v3", True)
     hidden = torch.randn(T, H, generator=_gen(2))
     weight, bias = router.weight.detach(), router.e_score_correction_bias
 
@@ -162,10 +129,10 @@ def test_deepseek_correction_bias_changes_choice_not_weights():
     torch.testing.assert_close(biased.weights, 2.5 * scores / scores.sum(-1, keepdim=True), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("build", "norm"), [FAMILIES[0], FAMILIES[-2]])
-def test_bfloat16_model_matches_transformers_router(build, norm):
+@pytest.mark.parametrize(("family", "norm"), [FAMILIES[0], FAMILIES[-2]])
+def test_bfloat16_model_matches_transformers_router(family, norm):
     # softmax routers take logits in the model dtype, DeepSeek-V3 upcasts to float32 first
-    router, gate = _seeded_router(build, norm)
+    router, gate = _seeded_router(family, norm)
     router = router.to(torch.bfloat16)
     bias = getattr(router, "e_score_correction_bias", None)
     hidden = torch.randn(T, H, generator=_gen(2)).to(torch.bfloat16)
@@ -182,45 +149,7 @@ def test_bfloat16_model_matches_transformers_router(build, norm):
 
 
 # ---------------------------------------------------------------------------------------------
-# Dynamic sparse activation against a naive per-token loop
-
-
-def _naive_route(
-    scores: torch.Tensor, config: GateConfig, policy: RoutingPolicy, bias: torch.Tensor | None
-) -> list[dict[int, float]]:
-    """The spec, one token at a time in Python floats: {expert: weight} per token."""
-    E, per_group = config.num_experts, config.num_experts // config.n_group
-    out = []
-    for row in scores.tolist():
-        choice = [s + (0.0 if bias is None else float(bias[e])) for e, s in enumerate(row)]
-        allowed = list(range(E))
-        if config.n_group > 1:
-            group_score = []
-            for grp in range(config.n_group):
-                best = sorted(choice[grp * per_group : (grp + 1) * per_group], reverse=True)[:2]
-                group_score.append(sum(best))
-            kept = sorted(range(config.n_group), key=lambda grp: -group_score[grp])[: config.topk_group]
-            allowed = [e for e in allowed if e // per_group in kept]
-        ranked = sorted(allowed, key=lambda e: -choice[e])
-        max_k = policy.max_k or config.top_k
-        if policy.mode is RoutingMode.TOP_K:
-            picked = ranked[: policy.top_k or config.top_k]
-        elif policy.mode is RoutingMode.TOP_P:
-            total = sum(row[e] for e in allowed) if config.score_function is SIGMOID else 1.0
-            picked, mass = [], 0.0
-            for e in ranked:
-                picked.append(e)
-                mass += row[e] / total
-                if mass >= policy.top_p - 1e-6:
-                    break
-            picked = picked[:max_k]
-        else:
-            picked = [e for e in ranked if row[e] >= policy.threshold][:max_k] or ranked[:1]
-        weights = [row[e] for e in picked]
-        if config.norm_topk_prob:
-            weights = [w / sum(weights) for w in weights]
-        out.append({e: w * config.routed_scaling_factor for e, w in zip(picked, weights, strict=True)})
-    return out
+# Dynamic sparse activation against a naive per-token loop (tests.references.naive_route)
 
 
 CONFIGS = {
@@ -253,15 +182,10 @@ def test_route_matches_naive_per_token_loop(config_name, policy_name, with_bias)
     bias = torch.randn(config.num_experts, generator=_gen(4)) * 0.2 if with_bias else None
 
     got = route(hidden, gate_weight, config, policy, bias)
-    want = _naive_route(gate_scores(hidden, gate_weight, config.score_function), config, policy, bias)
+    want = naive_route(gate_scores(hidden, gate_weight, config.score_function), config, policy, bias)
 
     assert got.experts.shape == got.weights.shape
-    for t, expected in enumerate(want):
-        used = got.experts[t] >= 0
-        chosen = dict(zip(got.experts[t][used].tolist(), got.weights[t][used].tolist(), strict=True))
-        assert chosen.keys() == expected.keys(), f"token {t}"
-        for e, w in expected.items():
-            assert chosen[e] == pytest.approx(w, abs=1e-5), f"token {t} expert {e}"
+    assert_same_choices(choices(got.experts, got.weights), want, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

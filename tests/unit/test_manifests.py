@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -41,6 +42,34 @@ def test_job_submit_script_is_valid_bash():
     assert "ray job submit" in script.read_text()
 
 
-def test_dashboards_are_valid_json():
-    for path in (DEPLOY / "dashboards").glob("*.json"):
-        assert json.loads(path.read_text())["panels"]
+def _panels(node: dict) -> list[dict]:
+    """Every panel of a dashboard, those inside rows included; rows themselves are not panels."""
+    found = []
+    for panel in node.get("panels", []):
+        if panel.get("type") != "row":
+            found.append(panel)
+        found.extend(_panels(panel))
+    return found
+
+
+def test_every_dashboard_panel_queries_metrics_the_code_registers():
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry
+
+    from moemesh.services.metrics import Metrics
+
+    exposed = Metrics(CollectorRegistry()).exposed_names()
+    paths = sorted((DEPLOY / "dashboards").glob("*.json"))
+    assert paths
+    for path in paths:
+        panels = _panels(json.loads(path.read_text()))
+        assert panels, path.name
+        for panel in panels:
+            names = [
+                set(re.findall(r"\bmoemesh_[a-z0-9_]+", t.get("expr", ""))) for t in panel.get("targets", [])
+            ]
+            # at least one target that queries moemesh metrics, every one of them registered
+            assert any(n and n <= exposed for n in names), (
+                f"{path.name}: panel {panel.get('title')!r} has no target whose metrics all exist: "
+                f"{[sorted(n - exposed) for n in names]}"
+            )
