@@ -302,6 +302,19 @@ class LayerInfo:
     shared_experts: int
     tokens_routed: tuple[int, ...] = ()  # rows routed to each expert since the router started
 
+    @classmethod
+    def of(cls, spec: MoELayerSpec, family: str, tokens_routed: Sequence[int] = ()) -> LayerInfo:
+        return cls(
+            spec.layer,
+            spec.num_experts,
+            spec.hidden_size,
+            spec.intermediate_size,
+            spec.gate.top_k,
+            family,
+            1 if spec.shared_intermediate_size else 0,
+            tuple(tokens_routed),
+        )
+
 
 @dataclass(frozen=True)
 class Topology:

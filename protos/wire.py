@@ -75,7 +75,7 @@ def encode_tensor(t: torch.Tensor) -> pb.Tensor:
     except ValueError as err:
         raise TypeError(f"cannot encode: {err}") from None
     t = t.detach().to("cpu").contiguous()
-    raw = t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+    raw = t.reshape(-1).view(torch.uint8)  # flat first: a size-1 dim may carry any stride
     if _BIG_ENDIAN:  # pragma: no cover - every supported platform is little-endian today
         raw = raw.view(-1, t.element_size()).flip(1)
     return pb.Tensor(dtype=code, shape=list(t.shape), data=raw.numpy().tobytes())
@@ -131,6 +131,11 @@ def encode_routing(routing: Routing) -> pb.Routing:
 def decode_routing(msg: pb.Routing) -> Routing:
     experts = decode_tensor(msg.experts, "routing.experts", allowed=(pb.DTYPE_INT32,), rank=2)
     weights = decode_tensor(msg.weights, "routing.weights", allowed=(pb.DTYPE_FLOAT32,), rank=2)
+    if experts.shape != weights.shape:
+        raise InvalidArgument(
+            "routing.weights.shape",
+            f"expected the shape of routing.experts {list(experts.shape)}, got {list(weights.shape)}",
+        )
     return Routing(experts=experts.to(torch.int64), weights=weights.clone())
 
 
@@ -246,41 +251,31 @@ def decode_info(msg: pb.InfoResponse, address: str) -> HostInfo:
     return _decode_host(msg, address, model=msg.model)
 
 
+# LayerInfo fields with the same name in Python and on the wire.
+_LAYER_FIELDS = ("layer", "num_experts", "hidden_size", "intermediate_size", "top_k", "shared_experts")
+
+
 def encode_topology(topology: Topology) -> pb.GetTopologyResponse:
-    return pb.GetTopologyResponse(
-        model=topology.model,
-        layers=[
-            pb.LayerInfo(
-                layer=x.layer,
-                num_experts=x.num_experts,
-                hidden_size=x.hidden_size,
-                top_k=x.top_k,
-                routing_family=x.family,
-                shared_experts=x.shared_experts,
-                intermediate_size=x.intermediate_size,
-                tokens_routed=list(x.tokens_routed),
-            )
-            for x in topology.layers
-        ],
-        hosts=[pb.HostInfo(address=h.address, healthy=h.healthy, **_host_fields(h)) for h in topology.hosts],
-    )
+    layers = [
+        pb.LayerInfo(
+            routing_family=x.family,
+            tokens_routed=list(x.tokens_routed),
+            **{f: getattr(x, f) for f in _LAYER_FIELDS},
+        )
+        for x in topology.layers
+    ]
+    hosts = [pb.HostInfo(address=h.address, healthy=h.healthy, **_host_fields(h)) for h in topology.hosts]
+    return pb.GetTopologyResponse(model=topology.model, layers=layers, hosts=hosts)
 
 
 def decode_topology(msg: pb.GetTopologyResponse) -> Topology:
-    return Topology(
-        model=msg.model,
-        layers=tuple(
-            LayerInfo(
-                layer=x.layer,
-                num_experts=x.num_experts,
-                hidden_size=x.hidden_size,
-                intermediate_size=x.intermediate_size,
-                top_k=x.top_k,
-                family=x.routing_family,
-                shared_experts=x.shared_experts,
-                tokens_routed=tuple(x.tokens_routed),
-            )
-            for x in msg.layers
-        ),
-        hosts=tuple(_decode_host(h, h.address, model=msg.model, healthy=h.healthy) for h in msg.hosts),
+    layers = tuple(
+        LayerInfo(
+            family=x.routing_family,
+            tokens_routed=tuple(x.tokens_routed),
+            **{f: getattr(x, f) for f in _LAYER_FIELDS},
+        )
+        for x in msg.layers
     )
+    hosts = tuple(_decode_host(h, h.address, model=msg.model, healthy=h.healthy) for h in msg.hosts)
+    return Topology(msg.model, layers, hosts)

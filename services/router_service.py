@@ -91,18 +91,9 @@ class RouterServicer(pb_grpc.RouterServicer):
         return wire.encode_topology(self.topology())
 
     def topology(self) -> Topology:
+        routed = self.moe.tokens_routed
         layers = tuple(
-            LayerInfo(
-                layer=ls.layer,
-                num_experts=ls.num_experts,
-                hidden_size=ls.hidden_size,
-                intermediate_size=ls.intermediate_size,
-                top_k=ls.gate.top_k,
-                family=self.spec.family,
-                shared_experts=1 if ls.shared_intermediate_size else 0,
-                tokens_routed=tuple(self.moe.tokens_routed[ls.layer].tolist()),
-            )
-            for ls in self.spec.layers
+            LayerInfo.of(ls, self.spec.family, routed[ls.layer].tolist()) for ls in self.spec.layers
         )
         health = self.moe.health
         hosts = tuple(dataclasses.replace(h, healthy=not health.is_down(h.host_id)) for h in self.hosts)
