@@ -1,5 +1,6 @@
 """moemesh Python SDK: clients of the Router service, typed errors, `RemoteMoE` for torch models.
-Imports only the contract (`moemesh.protos`), grpc and torch; no server machinery.
+Imports only the contract (`moemesh.protos`), grpc (traced by OpenTelemetry's gRPC instrumentation)
+and torch; no server machinery.
 
 from moemesh.client import Client, RoutingPolicy, RoutingMode
 with Client("127.0.0.1:50051") as mesh:

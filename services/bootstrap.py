@@ -1,5 +1,6 @@
 """One way to build a moemesh gRPC server: servicers, health, reflection, limits, graceful stop,
-and a span plus RPC metrics for every call (services/telemetry.py).
+and a span plus RPC metrics for every call (OpenTelemetry's gRPC instrumentation, completed in
+services/telemetry.py).
 
 Used by the CLI, the local mesh, Ray actors and tests alike:
 
@@ -20,12 +21,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moemesh.protos.wire import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+
 from .errors import ErrorInterceptor
-from .telemetry import Telemetry, TelemetryInterceptor
+from .telemetry import RpcMetricsInterceptor, ServerSpans, Telemetry
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,6 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_s: float = 5.0
     max_concurrent_rpcs: int | None = None
-
-
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Options for servers and channels alike: explicit message-size limits on both ends."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
 
 
 @dataclass(frozen=True)
@@ -73,7 +66,7 @@ class RunningServer:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     async def stop(self, grace_s: float | None = None) -> None:
         if self._stopped:
@@ -94,6 +87,11 @@ async def _set_status(servicer, name: str, status) -> None:
         await result
 
 
+def host_port(host: str, port: int) -> str:
+    """A gRPC address: "host:port", "[v6]:port"."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def start_server(
     config: ServerConfig,
     services: Sequence[Service],
@@ -105,10 +103,16 @@ async def start_server(
 
     Every moemesh RPC gets a SERVER span and RPC metrics from `telemetry` (default: the global
     tracer provider, no metrics), with `span_attributes` on each span (e.g. `moemesh.host`).
+    Raises OSError when the address cannot be bound.
     """
-    observing = TelemetryInterceptor(telemetry or Telemetry(), span_attributes)
+    telemetry = telemetry or Telemetry()
+    spans = ServerSpans(span_attributes)
+    # Outermost first: the span, then the metrics, both seeing the status ErrorInterceptor sets.
+    observing = [telemetry.server_interceptor(), spans]
+    if telemetry.metrics is not None:
+        observing.append(RpcMetricsInterceptor(telemetry.metrics))
     server = grpc.aio.server(
-        interceptors=[observing, ErrorInterceptor(), *interceptors],
+        interceptors=[*observing, ErrorInterceptor(), *interceptors],
         options=channel_options(config.max_message_bytes),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -118,10 +122,14 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.name for s in services]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = host_port(config.host, config.port)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as err:  # newer grpcio raises where older ones returned 0
+        raise OSError(f"could not bind {address}") from err
     if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
-    observing.server_address = f"{config.host}:{port}"
+        raise OSError(f"could not bind {address}")
+    spans.server_address = host_port(config.host, port)
     await server.start()
     for name in (*names, ""):
         await _set_status(health_servicer, name, health_pb2.HealthCheckResponse.SERVING)

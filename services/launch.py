@@ -28,7 +28,7 @@ from moemesh.router.replicas import LeastLoadedReplica
 from .bootstrap import RunningServer, ServerConfig, start_server
 from .expert_service import ExpertServicer
 from .router_service import RouterServicer
-from .telemetry import HOST_ATTRIBUTE, PipelineTelemetry, Telemetry, client_call
+from .telemetry import HOST_ATTRIBUTE, PipelineTelemetry, Telemetry
 from .transport import GrpcTransport
 
 
@@ -144,15 +144,17 @@ async def describe_hosts(
     telemetry: Telemetry | None = None,
 ) -> list[HostInfo]:
     """Ask each expert host what it serves (waiting for it to come up, up to `timeout`)."""
-    tracer = (telemetry or Telemetry()).tracer()
+    telemetry = telemetry or Telemetry()
 
     async def one(address: str) -> HostInfo:
-        async with grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes)) as channel:
-            stub = pb_grpc.ExpertStub(channel)
-            with client_call(tracer, "/moemesh.v1.Expert/Info", address) as call:
-                info = await stub.Info(
-                    pb.InfoRequest(), timeout=timeout, wait_for_ready=True, metadata=call.metadata
-                )
+        async with grpc.aio.insecure_channel(
+            address,
+            options=channel_options(max_message_bytes),
+            interceptors=telemetry.client_interceptors(address),
+        ) as channel:
+            info = await pb_grpc.ExpertStub(channel).Info(
+                pb.InfoRequest(), timeout=timeout, wait_for_ready=True
+            )
         return wire.decode_info(info, address)
 
     return list(await asyncio.gather(*(one(a) for a in addresses)))

@@ -6,24 +6,29 @@
 One forward is one trace (every span a child of the one above it):
 
     moemesh.v1.Router/Forward          CLIENT  SDK: layer, tokens, routing policy
-      moemesh.v1.Router/Forward        SERVER  router (TelemetryInterceptor)
+      moemesh.v1.Router/Forward        SERVER  router
         moemesh.gate                           layer, policy, tokens, routed rows
         moemesh.plan                           experts activated, tokens per expert, hosts, rows per host
         moemesh.dispatch                       planned hosts, retries, failed hosts
           moemesh.v1.Expert/Compute    CLIENT  one per host call (GrpcTransport): host, rows, bytes, retry
-            moemesh.v1.Expert/Compute  SERVER  expert host (TelemetryInterceptor)
-              moemesh.queue_wait               decoded request → the executor starts it
-              moemesh.compute                  device, dtype, rows, experts
+            moemesh.v1.Expert/Compute  SERVER  expert host
+              moemesh.queue_wait               decoded request → its compute round starts
+              moemesh.compute                  device, dtype, rows, experts, the round's calls and rows
         moemesh.combine
 
-RPC spans follow the OpenTelemetry RPC semantic conventions (name `package.Service/Method`,
-`rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`, `server.address`,
-`server.port`); every other attribute has a `moemesh.` prefix. Context travels in gRPC metadata
-as W3C `traceparent` (the global propagator, so `OTEL_PROPAGATORS` applies).
+The RPC spans are opentelemetry-instrumentation-grpc's: its interceptors start them, set
+`rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code` and the status (on a server,
+only the codes the RPC conventions count as server errors), and carry the context in gRPC
+metadata as W3C `traceparent` (the global propagator, so `OTEL_PROPAGATORS` applies). The small
+interceptors here complete those spans while they are current: the name `package.Service/Method`
+(the conventions' form; the library's has a leading "/"), `server.address` / `server.port`, and
+the `moemesh.*` attributes: a caller's through `moemesh.client.tracing.call_attributes` (the
+client side is shared with the SDK), a server's (`moemesh.host`) from the bootstrap. Everything
+else here is a domain span (`moemesh.<stage>`) or a metric.
 
 Components take a tracer provider (`Telemetry.tracer_provider`) that defaults to the global one:
-OpenTelemetry lets a process set its global provider only once, so tests pass their own.
-Without the `otel` extra installed every tracer here is a no-op and nothing fails.
+OpenTelemetry lets a process set its global provider only once, so tests pass their own. Until a
+provider is configured, the API's tracers are no-ops.
 """
 
 from __future__ import annotations
@@ -38,19 +43,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.trace import Status, StatusCode
 
-try:
-    from opentelemetry import propagate, trace
-    from opentelemetry.trace import SpanKind, Status, StatusCode
-except ImportError:  # the `otel` extra is absent: tracing is off, everything else works
-    propagate = trace = None
-    SpanKind = Status = StatusCode = None
+from moemesh.client.tracing import AioCompleteSpan, address_attributes
 
 if TYPE_CHECKING:
     import torch
 
     from moemesh.protos import moemesh_pb2 as pb
-    from moemesh.router.gating import RoutingPolicy
+    from moemesh.protos.spec import RoutingPolicy
     from moemesh.router.pipeline import ForwardFacts
 
     from .metrics import Metrics, MetricsServer
@@ -61,8 +66,10 @@ INSTRUMENTATION_NAME = "moemesh"
 # Either one turns tracing on (the SDK reads the rest of the OTEL_* variables itself).
 OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 HOST_ATTRIBUTE = "moemesh.host"
-# Infrastructure services: neither traced nor counted (health probes would drown the real traces).
-UNOBSERVED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
+STATUS_CODE_ATTRIBUTE = "rpc.grpc.status_code"
+# Infrastructure services: neither traced nor counted (health probes would drown the real traces,
+# and a trace receiver tracing its own Export calls would feed itself).
+UNOBSERVED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.", "opentelemetry.proto.collector.")
 
 # -- configuration, once per process -------------------------------------------------------------
 
@@ -94,12 +101,18 @@ class Telemetry:
     metrics: Metrics | None = None
     metrics_server: MetricsServer | None = None
 
-    def tracer(self):
-        if trace is None:
-            return _NO_TRACER
-        if self.tracer_provider is not None:
-            return self.tracer_provider.get_tracer(INSTRUMENTATION_NAME)
-        return trace.get_tracer(INSTRUMENTATION_NAME)
+    def tracer(self) -> trace.Tracer:
+        """The tracer of the domain spans (the RPC spans are the gRPC instrumentation's)."""
+        return trace.get_tracer(INSTRUMENTATION_NAME, tracer_provider=self.tracer_provider)
+
+    def client_interceptors(self, target: str) -> list[grpc.aio.ClientInterceptor]:
+        """For a `grpc.aio` channel to `target` ("host:port"): a CLIENT span for every call."""
+        return [*aio_client_interceptors(self.tracer_provider), AioCompleteSpan(target)]
+
+    def server_interceptor(self) -> grpc.aio.ServerInterceptor:
+        """The SERVER span of every call, its parent from the caller's `traceparent`; put
+        `ServerSpans` just inside it."""
+        return aio_server_interceptor(self.tracer_provider, filter_=_observed)
 
 
 _configured: Any = None  # the provider configure_tracing installed; OpenTelemetry allows one
@@ -123,8 +136,9 @@ def configure_tracing(service_name: str, resource_attributes: Mapping[str, str] 
     exporter, resource `service.name=service_name` plus `resource_attributes`; the SDK applies the
     other standard variables itself (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
     `OTEL_TRACES_SAMPLER[_ARG]`, `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_*`). It is flushed and shut
-    down at interpreter exit. Returns it, or None when tracing stays off: then no provider, no
-    exporter thread, and every span is the API's no-op. A second call returns the first provider.
+    down at interpreter exit. Returns it, or None when tracing stays off (no endpoint, or the
+    `otel` extra with the SDK not installed): then no provider, no exporter thread, and every span
+    is the API's no-op. A second call returns the first provider.
     """
     global _configured
     if _configured is not None:
@@ -165,26 +179,7 @@ def start_telemetry(config: TelemetryConfig) -> Telemetry:
     return Telemetry(metrics=metrics, metrics_server=server)
 
 
-# -- context in gRPC metadata ----------------------------------------------------------------------
-
-
-def outgoing_metadata() -> tuple[tuple[str, str], ...] | None:
-    """The current span's context as gRPC metadata (`traceparent`, ...); None when there is none."""
-    if propagate is None:
-        return None
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return tuple(carrier.items()) or None
-
-
-def incoming_context(metadata: Sequence[tuple[str, Any]] | None):
-    """The caller's span context from received gRPC metadata (None when absent)."""
-    if propagate is None or not metadata:
-        return None
-    return propagate.extract({key: value for key, value in metadata if isinstance(value, str)})
-
-
-# -- RPC spans -------------------------------------------------------------------------------------
+# -- completing the instrumentation's RPC spans ------------------------------------------------------
 
 
 def split_method(full_method: str) -> tuple[str, str]:
@@ -193,170 +188,88 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def _address_attributes(target: str) -> dict[str, Any]:
-    """server.address / server.port of a "host:port" target ("[v6]:port" too)."""
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        return {"server.address": target} if target else {}
-    return {"server.address": host.strip("[]"), "server.port": int(port)}
+def _full_method(details) -> str:
+    method = details.method  # bytes from some grpc.aio releases (grpc/grpc#31092)
+    return method.decode() if isinstance(method, bytes) else method
 
 
-def _rpc_attributes(full_method: str, target: str = "") -> dict[str, Any]:
-    service, method = split_method(full_method)
-    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method, **_address_attributes(target)}
+# The instrumentation's filter (it takes every kind of call details): all but UNOBSERVED_SERVICES.
+_observed = negate(any_of(*(service_prefix(s) for s in UNOBSERVED_SERVICES)))
 
 
-def status_code_of(err: BaseException) -> grpc.StatusCode:
-    """The gRPC status an exception stands for: its own (or its cause's) `code()`, else
-    CANCELLED for a cancellation and UNKNOWN for anything else."""
-    for candidate in (err, err.__cause__):
-        code = getattr(candidate, "code", None)
-        if callable(code):
-            try:
-                value = code()
-            except Exception:  # a code() that needs arguments is not grpc's
-                continue
-            if isinstance(value, grpc.StatusCode):
-                return value
-    if isinstance(err, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN
+def _traced(details) -> bool:
+    """Whether the instrumentation started a span for this call (so that it is the current one)."""
+    return is_instrumentation_enabled() and _observed(details)
 
 
-def _details_of(err: BaseException) -> str:
-    """The status message of a gRPC error (its own or its cause's), else the exception's text."""
-    for candidate in (err, err.__cause__):
-        details = getattr(candidate, "details", None)
-        if callable(details):
-            try:
-                return str(details() or "")
-            except Exception:  # a details() that needs arguments is not grpc's
-                continue
-    return str(err)
+class ServerSpans(grpc.aio.ServerInterceptor):
+    """Just inside `Telemetry.server_interceptor`: completes its SERVER span of each unary call
+    with the name, `server.address` / `server.port` (`server_address`, which the bootstrap sets
+    once bound), `attributes` (e.g. `moemesh.host`), and CANCELLED when the caller gave up (the
+    instrumentation leaves a cancelled call at OK)."""
 
-
-# OpenTelemetry RPC conventions: a server span is an error only for these codes; the others are
-# the caller's doing (bad input, a missing resource, its own deadline ...).
-_SERVER_ERRORS = frozenset(
-    {
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
-
-
-def _end_rpc(span, code: grpc.StatusCode, details: str, server: bool) -> None:
-    if not span.is_recording():
-        return
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if code != grpc.StatusCode.OK and (not server or code in _SERVER_ERRORS):
-        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}" if details else code.name))
-
-
-class ClientCall:
-    """The CLIENT span of one outgoing RPC and the metadata that carries its context."""
-
-    def __init__(self, span, metadata: tuple[tuple[str, str], ...] | None):
-        self.span = span
-        self.metadata = metadata
-
-    @property
-    def recording(self) -> bool:
-        """Whether attributes are kept: compute costly ones only when True."""
-        return self.span.is_recording()
-
-    def set(self, key: str, value: Any) -> None:
-        if self.span.is_recording():
-            self.span.set_attribute(key, value)
-
-
-@contextmanager
-def client_call(
-    tracer, full_method: str, target: str, attributes: Mapping[str, Any] | None = None
-) -> Iterator[ClientCall]:
-    """A CLIENT span around one unary RPC to `target` ("host:port"), current while it runs.
-
-    Send `call.metadata` with the RPC. An exception leaving the block sets the span's status
-    from its gRPC code (its own or its `__cause__`'s), so callers may map errors inside it.
-    """
-    service, method = split_method(full_method)
-    with tracer.start_as_current_span(
-        f"{service}/{method}",
-        kind=SpanKind.CLIENT if SpanKind is not None else None,
-        attributes={**_rpc_attributes(full_method, target), **(attributes or {})},
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
-        call = ClientCall(span, outgoing_metadata())
-        try:
-            yield call
-        except BaseException as err:
-            _end_rpc(span, status_code_of(err), _details_of(err), server=False)
-            raise
-        _end_rpc(span, grpc.StatusCode.OK, "", server=False)
-
-
-class TelemetryInterceptor(grpc.aio.ServerInterceptor):
-    """A SERVER span and the RPC metrics for every unary moemesh RPC a server handles.
-
-    Outermost interceptor: it sees the final status, including what ErrorInterceptor turned a
-    domain error into. The span's parent comes from the caller's `traceparent`. `attributes` are
-    added to every span (e.g. `moemesh.host`); `server_address` is set by the bootstrap once bound.
-    """
-
-    def __init__(self, telemetry: Telemetry, attributes: Mapping[str, Any] | None = None):
-        self._tracer = telemetry.tracer()
-        self._metrics = telemetry.metrics
+    def __init__(self, attributes: Mapping[str, Any] | None = None):
         self._attributes = dict(attributes or {})
         self.server_address: str = ""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        full_method = handler_call_details.method
-        if (
-            handler is None
-            or handler.unary_unary is None
-            or full_method.lstrip("/").startswith(UNOBSERVED_SERVICES)
-        ):
+        if handler is None or handler.unary_unary is None or not _traced(handler_call_details):
             return handler
-        service, method = split_method(full_method)
-        inner, tracer, metrics = handler.unary_unary, self._tracer, self._metrics
+        inner, name = handler.unary_unary, _full_method(handler_call_details).lstrip("/")
 
-        async def observed(request, context: grpc.aio.ServicerContext):
-            started = time.perf_counter()
-            code, response = grpc.StatusCode.OK, None
-            with tracer.start_as_current_span(
-                f"{service}/{method}",
-                context=incoming_context(context.invocation_metadata()),
-                kind=SpanKind.SERVER if SpanKind is not None else None,
-                attributes={**_rpc_attributes(full_method, self.server_address), **self._attributes},
-                record_exception=False,
-                set_status_on_exception=False,
-            ) as span:
-                try:
-                    response = await inner(request, context)
-                    code = context.code() or grpc.StatusCode.OK
-                    return response
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except BaseException as err:
-                    # ErrorInterceptor (inside this one) has aborted with the domain error's status.
-                    code = context.code() or status_code_of(err)
-                    raise
-                finally:
-                    details = context.details() or ""
-                    _end_rpc(span, code, details.decode() if isinstance(details, bytes) else details, True)
-                    if metrics is not None:
-                        metrics.observe_rpc(service, method, code.name, time.perf_counter() - started)
-                        metrics.observe_wire(_byte_size(request), _byte_size(response))
+        async def completed(request, context: grpc.aio.ServicerContext):
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.update_name(name)
+                span.set_attributes({**address_attributes(self.server_address), **self._attributes})
+            try:
+                return await inner(request, context)
+            except asyncio.CancelledError:
+                span.set_attribute(STATUS_CODE_ATTRIBUTE, grpc.StatusCode.CANCELLED.value[0])
+                raise
 
         return grpc.unary_unary_rpc_method_handler(
-            observed,
+            completed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """The RPC metrics of every unary moemesh call a server handles: count by final status,
+    latency, wire bytes. Put it outside ErrorInterceptor, so that it sees the status a domain
+    error was turned into (rejected requests are counted too)."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or not _observed(handler_call_details):
+            return handler
+        service, method = split_method(_full_method(handler_call_details))
+        inner, metrics = handler.unary_unary, self._metrics
+
+        async def measured(request, context: grpc.aio.ServicerContext):
+            started, response, code = time.perf_counter(), None, grpc.StatusCode.UNKNOWN
+            try:
+                response = await inner(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                return response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                # ErrorInterceptor (inside this one) has aborted with the domain error's status.
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                metrics.observe_rpc(service, method, code.name, time.perf_counter() - started)
+                metrics.observe_wire(_byte_size(request), _byte_size(response))
+
+        return grpc.unary_unary_rpc_method_handler(
+            measured,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -372,16 +285,8 @@ def _byte_size(message) -> int:
 
 def describe_policy(policy: RoutingPolicy | None) -> str:
     """The policy as a span attribute: "default", or the mode and the fields that are set, e.g.
-    "top_p(top_p=0.9,max_k=4)"."""
-    if policy is None:
-        return "default"
-    fields = [
-        f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
-        for name in ("top_k", "top_p", "threshold", "max_k")
-        if (value := getattr(policy, name)) is not None
-    ]
-    mode = getattr(policy.mode, "value", policy.mode)
-    return f"{mode}({','.join(fields)})"
+    "top_p(top_p=0.9,max_k=4)" (the SDK's span says the same)."""
+    return "default" if policy is None else policy.describe()
 
 
 def stage_attributes(name: str, facts: ForwardFacts) -> dict[str, Any]:
@@ -437,7 +342,8 @@ class PipelineTelemetry:
 class ComputeTiming:
     """When one Compute call was queued, started and finished on its host's executor.
 
-    Made on the event loop when the request is decoded; `run` wraps the work on the executor.
+    Made on the event loop when the request is decoded; `run` wraps the work on the executor
+    (`ComputeTelemetry.run_round` for calls merged into one round).
     Wall-clock times (for spans) are derived from one wall-clock reading plus monotonic offsets.
     """
 
@@ -446,6 +352,8 @@ class ComputeTiming:
         self._queued = time.perf_counter_ns()
         self._started: int | None = None
         self._ended: int | None = None
+        self.round_calls = 0  # calls merged into the compute round this one ran in
+        self.round_rows = 0  # rows of that round
 
     def run(self, fn: Callable, *args):
         self._started = time.perf_counter_ns()
@@ -502,11 +410,25 @@ class ComputeTelemetry:
                 self._metrics.queue_depth.dec()
             self._report(timing, request, error)
 
+    def run_round(self, timings: Sequence[ComputeTiming], rows: int, fn: Callable, *args):
+        """On the executor: run `fn(*args)`, one compute round merging the calls of `timings`
+        (`rows` rows in all). Each call's queue wait ends, and its compute starts, with the round."""
+        started = time.perf_counter_ns()
+        for timing in timings:
+            timing._started, timing.round_calls, timing.round_rows = started, len(timings), rows
+        if self._metrics is not None:
+            self._metrics.observe_round(rows)
+        try:
+            return fn(*args)
+        finally:
+            ended = time.perf_counter_ns()
+            for timing in timings:
+                timing._ended = ended
+
     def _report(self, timing: ComputeTiming, request: pb.ComputeRequest, error: BaseException | None) -> None:
         started, ended = timing.started_ns, timing.ended_ns
         if self._metrics is not None and started is not None:
-            rows = int(request.rows.shape[0]) if request.rows.shape else 0
-            self._metrics.observe_compute(timing.queue_wait_s, rows)
+            self._metrics.observe_queue_wait(timing.queue_wait_s)
         queue = self._tracer.start_span("moemesh.queue_wait", start_time=timing.queued_ns)
         queue.end(end_time=started if started is not None else time.time_ns())
         if started is None:  # cancelled (deadline, caller gone) before the executor took it
@@ -514,6 +436,10 @@ class ComputeTelemetry:
         compute = self._tracer.start_span("moemesh.compute", start_time=started)
         if compute.is_recording():
             compute.set_attributes({**self._attributes, **compute_attributes(request)})
+            if timing.round_calls:
+                compute.set_attributes(
+                    {"moemesh.round.calls": timing.round_calls, "moemesh.round.rows": timing.round_rows}
+                )
             if error is not None:
                 compute.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         compute.end(end_time=ended if ended is not None else time.time_ns())
@@ -528,41 +454,3 @@ def compute_attributes(request: pb.ComputeRequest) -> dict[str, Any]:
         "moemesh.layer": int(segments[0].layer) if segments else -1,
         "moemesh.experts": [int(s.expert) for s in segments],
     }
-
-
-# -- no OpenTelemetry installed ----------------------------------------------------------------------
-
-
-class _NoSpan:
-    def is_recording(self) -> bool:
-        return False
-
-    def set_attribute(self, *args, **kwargs) -> None:
-        pass
-
-    def set_attributes(self, *args, **kwargs) -> None:
-        pass
-
-    def set_status(self, *args, **kwargs) -> None:
-        pass
-
-    def end(self, *args, **kwargs) -> None:
-        pass
-
-    def __enter__(self) -> _NoSpan:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
-class _NoTracer:
-    def start_span(self, *args, **kwargs) -> _NoSpan:
-        return _NO_SPAN
-
-    def start_as_current_span(self, *args, **kwargs) -> _NoSpan:
-        return _NO_SPAN
-
-
-_NO_SPAN = _NoSpan()
-_NO_TRACER = _NoTracer()

@@ -15,16 +15,19 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from opentelemetry import trace
 
-from moemesh.experts.ffn import ExpertBank, RowSpan
+from moemesh.client.tracing import call_attributes
+from moemesh.experts.device import torch_executor
+from moemesh.experts.ffn import ExpertBank
 from moemesh.protos import moemesh_pb2 as pb
-from moemesh.router.dispatch import Segment
-from moemesh.router.pipeline import DISPATCH_RETRY, DeadlineExceeded, HostUnavailable, torch_executor
+from moemesh.protos import wire
+from moemesh.protos.spec import Segment
+from moemesh.protos.wire import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from moemesh.router.pipeline import DISPATCH_RETRY, DeadlineExceeded, HostUnavailable
 
-from . import codec
-from .bootstrap import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from .errors import HostError
-from .telemetry import HOST_ATTRIBUTE, ClientCall, Telemetry, client_call
+from .telemetry import HOST_ATTRIBUTE, Telemetry
 
 COMPUTE_METHOD = "/moemesh.v1.Expert/Compute"
 # Messages with at least this many tensor bytes are built and parsed off the event loop.
@@ -48,8 +51,8 @@ class WireStats:
 class GrpcTransport:
     """Calls expert hosts over gRPC. `addresses` maps host id -> "host:port".
 
-    Each call is a CLIENT span (`telemetry`'s tracer; default the global one) whose context
-    travels to the host in the call's metadata.
+    Each call is a CLIENT span (`telemetry`'s tracer provider; default the global one) whose
+    context travels to the host in the call's metadata.
     """
 
     def __init__(
@@ -59,7 +62,7 @@ class GrpcTransport:
         telemetry: Telemetry | None = None,
     ):
         self.addresses = dict(addresses)
-        self._tracer = (telemetry or Telemetry()).tracer()
+        self._telemetry = telemetry or Telemetry()
         self.stats = WireStats()
         self._options = channel_options(max_message_bytes)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -67,23 +70,25 @@ class GrpcTransport:
         self._codec = torch_executor(2, "moemesh-codec")
 
     # Messages are built and parsed on the codec executor; gRPC only moves (and counts) the bytes.
+    # Both run inside the call, where its CLIENT span is the current one.
     def _sent(self, data: bytes) -> bytes:
         self.stats.calls += 1
         self.stats.bytes_sent += len(data)
+        trace.get_current_span().set_attribute("moemesh.bytes_sent", len(data))
         return data
 
     def _received(self, data: bytes) -> bytes:
         self.stats.bytes_received += len(data)
+        trace.get_current_span().set_attribute("moemesh.bytes_received", len(data))
         return data
 
     @staticmethod
     def _encode(segments: Sequence[Segment], rows: torch.Tensor) -> bytes:
-        request = pb.ComputeRequest(segments=codec.encode_segments(segments), rows=codec.encode_tensor(rows))
-        return request.SerializeToString()
+        return wire.encode_compute(segments, rows).SerializeToString()
 
     @staticmethod
     def _decode(data: bytes, host: str, shape: torch.Size) -> torch.Tensor:
-        out = codec.decode_tensor(pb.ComputeResponse.FromString(data).rows, "rows", rank=2)
+        out = wire.decode_tensor(pb.ComputeResponse.FromString(data).rows, "rows", rank=2)
         if tuple(out.shape) != tuple(shape):
             raise HostError(host, grpc.StatusCode.INTERNAL, f"reply shape {list(out.shape)} != {list(shape)}")
         return out
@@ -99,7 +104,10 @@ class GrpcTransport:
         if call is None:
             if host not in self.addresses:
                 raise HostUnavailable(host, "no address known")
-            channel = grpc.aio.insecure_channel(self.addresses[host], options=self._options)
+            address = self.addresses[host]
+            channel = grpc.aio.insecure_channel(
+                address, options=self._options, interceptors=self._telemetry.client_interceptors(address)
+            )
             self._channels[host] = channel
             call = channel.unary_unary(
                 COMPUTE_METHOD, request_serializer=self._sent, response_deserializer=self._received
@@ -114,34 +122,25 @@ class GrpcTransport:
             HOST_ATTRIBUTE: host,  # the replica chosen for these segments
             "moemesh.rows": int(rows.shape[0]),
             "moemesh.segments": len(segments),
+            "moemesh.experts": [s.expert for s in segments],
             "moemesh.retry": DISPATCH_RETRY.get(),
         }
-        with client_call(self._tracer, COMPUTE_METHOD, self.addresses.get(host, ""), attributes) as call:
-            return await self._compute(host, segments, rows, timeout, call)
+        with call_attributes(attributes):
+            return await self._compute(host, segments, rows, timeout)
 
     async def _compute(
-        self,
-        host: str,
-        segments: Sequence[Segment],
-        rows: torch.Tensor,
-        timeout: float | None,
-        call: ClientCall,
+        self, host: str, segments: Sequence[Segment], rows: torch.Tensor, timeout: float | None
     ) -> torch.Tensor:
         nbytes = rows.numel() * rows.element_size()
         request = await self._offload(nbytes, self._encode, segments, rows)
-        if call.recording:
-            call.set("moemesh.experts", [s.expert for s in segments])
-            call.set("moemesh.bytes_sent", len(request))
         try:
-            reply = await self._call(host)(request, timeout=timeout, metadata=call.metadata)
+            reply = await self._call(host)(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceeded(f"expert host {host} did not answer in time") from err
             if err.code() in _RETRYABLE:
                 raise HostUnavailable(host, err.details() or err.code().name) from err
             raise HostError(host, err.code(), err.details() or "") from err
-        if call.recording:
-            call.set("moemesh.bytes_received", len(reply))
         return await self._offload(nbytes, self._decode, reply, host, rows.shape)
 
     def set_address(self, host: str, address: str) -> None:
@@ -172,11 +171,13 @@ class InProcessTransport:
         bank = self.banks.get(host)
         if bank is None:
             raise HostUnavailable(host, "not in this process")
-        spans = [RowSpan(s.layer, s.expert, s.start, s.count) for s in segments]
         loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(
-            loop.run_in_executor(self._executor, bank.compute, spans, rows), timeout
-        )
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._executor, bank.compute, segments, rows), timeout
+            )
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"expert host {host} did not answer in time") from None
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False)

@@ -19,8 +19,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from moemesh.deploy.trace_view import span_tree, waterfall
-from moemesh.services.otlp_receiver import ReceiverThread, load_jsonl, start_receiver
+from moemesh.deploy.traces.receiver import ReceiverThread, start_receiver
+from moemesh.deploy.traces.records import load_jsonl
+from moemesh.deploy.traces.view import span_tree, waterfall
 
 pytestmark = pytest.mark.integration
 

@@ -4,6 +4,7 @@ that host's server span → queue wait and compute; in one process and across pr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -23,9 +24,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from moemesh.client import Client, InvalidArgumentError
 from moemesh.deploy import cli
 from moemesh.deploy.local import EmbeddedMesh, MeshConfig, ProcessMesh
-from moemesh.deploy.trace_view import waterfall
-from moemesh.services.otlp_receiver import ReceiverThread, load_jsonl
+from moemesh.deploy.traces.receiver import ReceiverThread
+from moemesh.deploy.traces.records import load_jsonl
+from moemesh.deploy.traces.view import waterfall
+from moemesh.protos.spec import Segment
+from moemesh.router.pipeline import HostUnavailable
+from moemesh.services.bootstrap import ServerConfig, start_server
 from moemesh.services.telemetry import Telemetry
+from moemesh.services.transport import GrpcTransport
 
 pytestmark = pytest.mark.integration
 
@@ -199,6 +205,42 @@ def test_a_rejected_forward_is_traced_with_its_status(traced_mesh):
     assert client_span.status.status_code.name == "ERROR"
 
 
+def test_a_call_to_a_host_that_is_gone_is_a_client_span_with_the_rpc_status():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+
+    async def call_a_gone_host() -> str:
+        server = await start_server(ServerConfig(port=0), [])
+        address = server.address
+        await server.stop(0)  # bound on port 0 and stopped: nothing listens there any more
+        transport = GrpcTransport({"gone": address}, telemetry=Telemetry(provider))
+        try:
+            with tracer.start_as_current_span("dispatch"), pytest.raises(HostUnavailable):
+                await transport.compute("gone", [Segment(0, 3, 0, 2)], torch.zeros(2, H), timeout=10)
+        finally:
+            await transport.close()
+        return address
+
+    try:
+        address = asyncio.run(call_a_gone_host())
+    finally:
+        provider.shutdown()
+    dispatch, call = (
+        next(s for s in exporter.get_finished_spans() if s.name == name) for name in ("dispatch", COMPUTE)
+    )
+    assert call.kind.name == "CLIENT" and call.parent.span_id == dispatch.context.span_id
+    host, port = address.rsplit(":", 1)
+    assert call.attributes["rpc.system"] == "grpc"
+    assert (call.attributes["rpc.service"], call.attributes["rpc.method"]) == ("moemesh.v1.Expert", "Compute")
+    assert (call.attributes["server.address"], call.attributes["server.port"]) == (host, int(port))
+    assert call.attributes["moemesh.host"] == "gone" and call.attributes["moemesh.rows"] == 2
+    assert list(call.attributes["moemesh.experts"]) == [3] and call.attributes["moemesh.retry"] is False
+    assert call.attributes["rpc.grpc.status_code"] == 14  # UNAVAILABLE
+    assert call.status.status_code.name == "ERROR"
+
+
 def test_trace_across_processes_and_moemesh_trace_show(tmp_path):
     jsonl = tmp_path / "spans.jsonl"
     with ReceiverThread(jsonl_path=jsonl) as receiver:
@@ -320,8 +362,10 @@ def test_tracing_disabled_records_nothing_and_starts_no_exporter_thread():
 
 _WITHOUT_OTEL = """
 import json, sys
-sys.modules["opentelemetry"] = None  # as if the `otel` extra were not installed
-sys.modules["prometheus_client"] = None
+# As if the `otel` extra were not installed: the OpenTelemetry API and its gRPC instrumentation
+# are base dependencies; the SDK, the OTLP exporter and prometheus_client are the extra.
+for name in ("opentelemetry.sdk", "opentelemetry.exporter", "opentelemetry.proto", "prometheus_client"):
+    sys.modules[name] = None
 import torch
 from moemesh.client import Client
 from moemesh.deploy.local import EmbeddedMesh, MeshConfig
@@ -335,6 +379,6 @@ print(json.dumps({"provider": provider is not None, "shape": list(out.shape)}))
 
 
 def test_the_mesh_works_without_the_otel_extra():
-    # An endpoint is set, yet without OpenTelemetry installed tracing stays off and nothing fails.
+    # An endpoint is set, yet without the OpenTelemetry SDK tracing stays off and nothing fails.
     result = _run(_WITHOUT_OTEL, OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9")
     assert result == {"provider": False, "shape": [8, 64]}

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from moemesh.router.dispatch import NoReplica, RoutingTable, plan
 from moemesh.protos.spec import GateConfig, Routing
+from moemesh.router.dispatch import NoReplica, RoutingTable, plan
 from moemesh.router.pipeline import HostUnavailable, MoELayer, SparseMoE
 from moemesh.router.replicas import HostHealth, LeastLoadedReplica
 

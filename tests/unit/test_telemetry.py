@@ -8,13 +8,12 @@ import json
 import re
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
 from moemesh.router.dispatch import RoutingTable
@@ -22,7 +21,7 @@ from moemesh.router.gating import GateConfig, RoutingMode, RoutingPolicy
 from moemesh.router.pipeline import DISPATCH_RETRY, HostUnavailable, MoELayer, SparseMoE
 from moemesh.services import telemetry
 from moemesh.services.metrics import Metrics, _NvmlCollector
-from moemesh.services.telemetry import PipelineTelemetry, Telemetry, client_call
+from moemesh.services.telemetry import PipelineTelemetry, Telemetry
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "dashboards" / "moemesh.json"
 
@@ -131,42 +130,6 @@ def test_a_failing_stage_span_records_the_error(spans):
     (dispatch,) = [s for s in exporter.get_finished_spans() if s.name == "moemesh.dispatch"]
     assert dispatch.status.status_code == StatusCode.ERROR
     assert list(dispatch.attributes["moemesh.failed_hosts"]) == ["a"]
-
-
-def test_client_call_carries_its_context_and_maps_errors_to_the_rpc_status(spans):
-    provider, exporter = spans
-    tracer = Telemetry(provider).tracer()
-
-    class Unavailable(grpc.RpcError):
-        def code(self):
-            return grpc.StatusCode.UNAVAILABLE
-
-    with pytest.raises(ConnectionError):
-        with client_call(
-            tracer, "/moemesh.v1.Expert/Compute", "10.0.0.5:7001", {"moemesh.host": "gpu0"}
-        ) as call:
-            metadata = dict(call.metadata)
-            raise ConnectionError("host gone") from Unavailable()
-    (span,) = exporter.get_finished_spans()
-    assert span.name == "moemesh.v1.Expert/Compute" and span.kind == SpanKind.CLIENT
-    assert span.attributes["rpc.system"] == "grpc"
-    assert span.attributes["rpc.service"] == "moemesh.v1.Expert"
-    assert span.attributes["rpc.method"] == "Compute"
-    assert span.attributes["server.address"] == "10.0.0.5" and span.attributes["server.port"] == 7001
-    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
-    assert span.status.status_code == StatusCode.ERROR
-    # W3C traceparent: version-traceid-spanid-flags, naming this very span.
-    version, trace_id, span_id, _ = metadata["traceparent"].split("-")
-    assert version == "00"
-    assert int(trace_id, 16) == span.context.trace_id and int(span_id, 16) == span.context.span_id
-    # ... and a server reading it continues the same trace under that span.
-    parent = telemetry.incoming_context(list(metadata.items()))
-    with tracer.start_as_current_span("server", context=parent) as server:
-        assert server.parent.span_id == span.context.span_id
-
-
-def test_without_a_current_span_nothing_is_sent():
-    assert telemetry.outgoing_metadata() is None
 
 
 def test_describe_policy():

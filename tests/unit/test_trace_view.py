@@ -9,8 +9,9 @@ import zlib
 
 import pytest
 
-from moemesh.deploy import trace_view
-from moemesh.deploy.trace_view import (
+from moemesh.deploy.traces import view as trace_view
+from moemesh.deploy.traces.records import SpanEvent, SpanRecord, TraceStore, dump_jsonl, load_jsonl
+from moemesh.deploy.traces.view import (
     render_png,
     select_trace,
     show_trace,
@@ -20,7 +21,6 @@ from moemesh.deploy.trace_view import (
     waterfall,
     waterfall_rows,
 )
-from moemesh.services.otlp_receiver import SpanEvent, SpanRecord, TraceStore, dump_jsonl, load_jsonl
 
 MS = 1_000_000
 T0 = 1_700_000_000_000_000_000  # an arbitrary wall-clock start, in Unix ns

@@ -10,8 +10,8 @@ This module owns how a trace is shown and the plain functions the CLI calls:
   coloured by service (matplotlib, imported only when a PNG is asked for);
 - `serve_receiver`, `show_trace`, `list_traces`: the `moemesh trace` subcommands.
 
-Spans are `moemesh.services.otlp_receiver.SpanRecord`s, received live or loaded from the .jsonl
-file that `serve_receiver --out` writes. To use Jaeger or Tempo instead, point the processes'
+Spans are `records.SpanRecord`s, received live (`receiver`) or loaded from the .jsonl file that
+`serve_receiver --out` writes. To use Jaeger or Tempo instead, point the processes'
 OTEL_EXPORTER_OTLP_ENDPOINT at that backend's OTLP/gRPC port; nothing here is then needed.
 """
 
@@ -29,20 +29,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from moemesh.services.otlp_receiver import (
-    SpanRecord,
-    TraceStore,
-    TraceSummary,
-    load_jsonl,
-    start_receiver,
-)
+from moemesh.services.telemetry import HOST_ATTRIBUTE
 
-HOST_ATTRIBUTE = "moemesh.host"
+from .receiver import start_receiver
+from .records import SpanRecord, TraceStore, TraceSummary, load_jsonl
+
 BAR_FILL = "█"
 # Shown in the waterfall's attribute column, in this order; the rest stays in the .jsonl.
 KEY_PREFIXES = ("moemesh.", "rpc.")
-# Said by the span name already (gRPC semantic conventions name RPC spans "service/method").
-REDUNDANT_ATTRIBUTES = frozenset({"rpc.system", "rpc.service", "rpc.method", HOST_ATTRIBUTE})
+# Said by the span name or the service@host column already (gRPC semantic conventions name RPC
+# spans "service/method"), or the same on every server span (the gRPC library's user agent).
+REDUNDANT_ATTRIBUTES = frozenset(
+    {"rpc.system", "rpc.service", "rpc.method", "rpc.user_agent", HOST_ATTRIBUTE}
+)
 
 NS_PER_MS = 1_000_000
 
