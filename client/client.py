@@ -4,11 +4,16 @@ with Client("127.0.0.1:50051") as mesh:
     out = mesh.forward(hidden, layer=0)                      # hidden: [tokens, hidden_size]
     out, routing = mesh.forward(hidden, layer=0, return_routing=True)
     routing = mesh.route(hidden, layer=0, policy=RoutingPolicy(RoutingMode.TOP_P, top_p=0.9))
+
+Each RPC is described once (`_Call`: stub method, request, how to read the reply, span
+attributes); `Client` makes it blocking and `AsyncClient` awaits it.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import torch
@@ -23,7 +28,26 @@ from .errors import from_rpc_error
 from .tracing import call_attributes, traced_aio_channel, traced_channel
 
 
-def _span_attributes(hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None) -> dict:
+@dataclass(frozen=True)
+class _Call:
+    """One RPC to make: `RouterStub.<method>(request)`, its reply read by `result`."""
+
+    method: str
+    request: Any
+    result: Callable[[Any], Any]
+    attributes: Mapping[str, Any] = field(default_factory=dict)  # on the call's CLIENT span
+
+
+def _layer_request(message, hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None, **fields):
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [tokens, hidden_size], got shape {list(hidden.shape)}")
+    request = message(layer=layer, hidden=wire.encode_tensor(hidden), **fields)
+    if policy is not None:
+        request.routing.CopyFrom(wire.encode_policy(policy))
+    return request
+
+
+def _attributes(hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None) -> dict[str, Any]:
     return {
         "moemesh.layer": layer,
         "moemesh.tokens": int(hidden.shape[0]),
@@ -31,50 +55,43 @@ def _span_attributes(hidden: torch.Tensor, layer: int, policy: RoutingPolicy | N
     }
 
 
-def _forward_request(hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None, return_routing: bool):
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be [tokens, hidden_size], got shape {list(hidden.shape)}")
-    request = pb.ForwardRequest(layer=layer, hidden=wire.encode_tensor(hidden), return_routing=return_routing)
-    if policy is not None:
-        request.routing.CopyFrom(wire.encode_policy(policy))
-    return request
+def _forward(hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None, return_routing: bool) -> _Call:
+    def result(reply: pb.ForwardResponse):
+        # clone(): decoded tensors wrap the reply's bytes read-only; callers get an ordinary tensor.
+        out = wire.decode_tensor(reply.hidden, "hidden", rank=2).clone()
+        return (out, wire.decode_routing(reply.routing)) if return_routing else out
+
+    request = _layer_request(pb.ForwardRequest, hidden, layer, policy, return_routing=return_routing)
+    return _Call("Forward", request, result, _attributes(hidden, layer, policy))
 
 
-def _route_request(hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None):
-    request = pb.RouteRequest(layer=layer, hidden=wire.encode_tensor(hidden))
-    if policy is not None:
-        request.routing.CopyFrom(wire.encode_policy(policy))
-    return request
+def _route(hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None) -> _Call:
+    request = _layer_request(pb.RouteRequest, hidden, layer, policy)
+    return _Call(
+        "Route", request, lambda reply: wire.decode_routing(reply.routing), _attributes(hidden, layer, policy)
+    )
 
 
-def _forward_result(reply: pb.ForwardResponse, return_routing: bool):
-    # clone(): decoded tensors wrap the reply's bytes read-only; callers get an ordinary tensor.
-    out = wire.decode_tensor(reply.hidden, "hidden", rank=2).clone()
-    return (out, wire.decode_routing(reply.routing)) if return_routing else out
+_TOPOLOGY = _Call("GetTopology", pb.GetTopologyRequest(), wire.decode_topology)
 
 
 class _Base:
-    """What both clients share: address, default deadline, and how a call is made.
+    """What both clients share: address, default deadline, and how a call's errors leave.
 
     Each call is a CLIENT span of `tracer_provider` (default the global one) whose context travels
     to the router in the call's metadata (the channel's interceptors, `tracing.py`).
     """
 
-    def __init__(self, address: str, timeout: float | None):
+    def __init__(self, address: str, timeout: float | None, max_message_bytes: int):
         self.address = address
         self.timeout = timeout
+        self._options = channel_options(max_message_bytes)
 
-    @contextmanager
-    def _rpc(self, attributes=None):
-        """`attributes` on the call's span; a grpc.RpcError leaves as the typed error, keeping its cause."""
-        try:
-            with call_attributes(attributes or {}):
-                yield
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    def _call(self, call: _Call, timeout: float | None):
+        """Start `call` on the stub (blocking: the reply; asyncio: an awaitable of it)."""
+        deadline = self.timeout if timeout is None else timeout
+        with call_attributes(call.attributes):
+            return getattr(self._stub, call.method)(call.request, timeout=deadline)
 
 
 class Client(_Base):
@@ -87,42 +104,27 @@ class Client(_Base):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tracer_provider=None,
     ):
-        super().__init__(address, timeout)
-        self._channel = traced_channel(address, channel_options(max_message_bytes), tracer_provider)
+        super().__init__(address, timeout, max_message_bytes)
+        self._channel = traced_channel(address, self._options, tracer_provider)
         self._stub = pb_grpc.RouterStub(self._channel)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        layer: int,
-        policy: RoutingPolicy | None = None,
-        return_routing: bool = False,
-        timeout: float | None = None,
-    ):
-        """hidden: [tokens, hidden_size] -> the MoE layer's output (and the Routing, if asked)."""
-        request = _forward_request(hidden, layer, policy, return_routing)
-        with self._rpc(_span_attributes(hidden, layer, policy)):
-            reply = self._stub.Forward(request, timeout=self._deadline(timeout))
-        return _forward_result(reply, return_routing)
+    def _invoke(self, call: _Call, timeout: float | None):
+        try:
+            return call.result(self._call(call, timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
 
-    def route(
-        self,
-        hidden: torch.Tensor,
-        layer: int,
-        policy: RoutingPolicy | None = None,
-        timeout: float | None = None,
-    ) -> Routing:
+    def forward(self, hidden, layer: int, policy=None, return_routing: bool = False, timeout=None):
+        """hidden: [tokens, hidden_size] -> the MoE layer's output (and the Routing, if asked)."""
+        return self._invoke(_forward(hidden, layer, policy, return_routing), timeout)
+
+    def route(self, hidden, layer: int, policy=None, timeout=None) -> Routing:
         """hidden: [tokens, hidden_size] -> chosen experts and weights, without running experts."""
-        request = _route_request(hidden, layer, policy)
-        with self._rpc(_span_attributes(hidden, layer, policy)):
-            reply = self._stub.Route(request, timeout=self._deadline(timeout))
-        return wire.decode_routing(reply.routing)
+        return self._invoke(_route(hidden, layer, policy), timeout)
 
     def topology(self, timeout: float | None = None) -> Topology:
         """The router's layers, expert hosts and observed load."""
-        with self._rpc():
-            reply = self._stub.GetTopology(pb.GetTopologyRequest(), timeout=self._deadline(timeout))
-        return wire.decode_topology(reply)
+        return self._invoke(_TOPOLOGY, timeout)
 
     def close(self) -> None:
         self._channel.close()
@@ -144,39 +146,27 @@ class AsyncClient(_Base):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tracer_provider=None,
     ):
-        super().__init__(address, timeout)
-        self._channel = traced_aio_channel(address, channel_options(max_message_bytes), tracer_provider)
+        super().__init__(address, timeout, max_message_bytes)
+        self._channel = traced_aio_channel(address, self._options, tracer_provider)
         self._stub = pb_grpc.RouterStub(self._channel)
 
-    async def forward(
-        self,
-        hidden: torch.Tensor,
-        layer: int,
-        policy: RoutingPolicy | None = None,
-        return_routing: bool = False,
-        timeout: float | None = None,
-    ):
-        request = _forward_request(hidden, layer, policy, return_routing)
-        with self._rpc(_span_attributes(hidden, layer, policy)):
-            reply = await self._stub.Forward(request, timeout=self._deadline(timeout))
-        return _forward_result(reply, return_routing)
+    async def _invoke(self, call: _Call, timeout: float | None):
+        try:
+            return call.result(await self._call(call, timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
 
-    async def route(
-        self,
-        hidden: torch.Tensor,
-        layer: int,
-        policy: RoutingPolicy | None = None,
-        timeout: float | None = None,
-    ) -> Routing:
-        request = _route_request(hidden, layer, policy)
-        with self._rpc(_span_attributes(hidden, layer, policy)):
-            reply = await self._stub.Route(request, timeout=self._deadline(timeout))
-        return wire.decode_routing(reply.routing)
+    async def forward(self, hidden, layer: int, policy=None, return_routing: bool = False, timeout=None):
+        """See `Client.forward`."""
+        return await self._invoke(_forward(hidden, layer, policy, return_routing), timeout)
+
+    async def route(self, hidden, layer: int, policy=None, timeout=None) -> Routing:
+        """See `Client.route`."""
+        return await self._invoke(_route(hidden, layer, policy), timeout)
 
     async def topology(self, timeout: float | None = None) -> Topology:
-        with self._rpc():
-            reply = await self._stub.GetTopology(pb.GetTopologyRequest(), timeout=self._deadline(timeout))
-        return wire.decode_topology(reply)
+        """See `Client.topology`."""
+        return await self._invoke(_TOPOLOGY, timeout)
 
     async def close(self) -> None:
         await self._channel.close()
