@@ -82,10 +82,20 @@ class _Base:
     to the router in the call's metadata (the channel's interceptors, `tracing.py`).
     """
 
-    def __init__(self, address: str, timeout: float | None, max_message_bytes: int):
+    _open_channel: Callable  # tracing.traced_channel or traced_aio_channel
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tracer_provider=None,
+    ):
+        """`timeout` (seconds) is the default deadline of every call."""
         self.address = address
         self.timeout = timeout
-        self._options = channel_options(max_message_bytes)
+        self._channel = type(self)._open_channel(address, channel_options(max_message_bytes), tracer_provider)
+        self._stub = pb_grpc.RouterStub(self._channel)
 
     def _call(self, call: _Call, timeout: float | None):
         """Start `call` on the stub (blocking: the reply; asyncio: an awaitable of it)."""
@@ -97,16 +107,7 @@ class _Base:
 class Client(_Base):
     """Blocking client. `timeout` (seconds) is the default deadline of every call."""
 
-    def __init__(
-        self,
-        address: str,
-        timeout: float | None = 60.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        tracer_provider=None,
-    ):
-        super().__init__(address, timeout, max_message_bytes)
-        self._channel = traced_channel(address, self._options, tracer_provider)
-        self._stub = pb_grpc.RouterStub(self._channel)
+    _open_channel = staticmethod(traced_channel)
 
     def _invoke(self, call: _Call, timeout: float | None):
         try:
@@ -139,16 +140,7 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client with the same methods as `Client`, as coroutines."""
 
-    def __init__(
-        self,
-        address: str,
-        timeout: float | None = 60.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        tracer_provider=None,
-    ):
-        super().__init__(address, timeout, max_message_bytes)
-        self._channel = traced_aio_channel(address, self._options, tracer_provider)
-        self._stub = pb_grpc.RouterStub(self._channel)
+    _open_channel = staticmethod(traced_aio_channel)
 
     async def _invoke(self, call: _Call, timeout: float | None):
         try:
