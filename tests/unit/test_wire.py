@@ -11,21 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moemesh.protos import moemesh_pb2 as pb
-from moemesh.protos import wire
-from moemesh.protos.spec import (
-    DTYPES,
-    FLOAT_DTYPES,
-    HostInfo,
-    LayerInfo,
-    Routing,
-    RoutingMode,
-    RoutingPolicy,
-    Segment,
-    Topology,
-)
+from moemesh.protos import spec, wire
+from moemesh.protos.spec import Routing, RoutingMode, RoutingPolicy, Segment
 from moemesh.protos.wire import InvalidArgument
 
-ALL_CODES = tuple(d.wire for d in DTYPES)
+ALL_CODES = tuple(d.wire for d in spec.DTYPES)
 I32 = torch.int32
 
 
@@ -41,15 +31,15 @@ def _sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tens
 
 def test_spec_dtypes_agree_with_the_proto_enum():
     proto = {name.removeprefix("DTYPE_").lower(): code for name, code in pb.DType.items() if code}
-    assert {d.name: d.wire for d in DTYPES} == proto
+    assert {d.name: d.wire for d in spec.DTYPES} == proto
     assert pb.DType.Name(0) == "DTYPE_UNSPECIFIED" and 0 not in ALL_CODES  # never a valid dtype
-    assert {d.name for d in DTYPES if d.torch.is_floating_point} == set(FLOAT_DTYPES)
-    assert [d.itemsize for d in DTYPES] == [4, 2, 2, 4]  # as moemesh.proto's comments state
+    assert {d.name for d in spec.DTYPES if d.torch.is_floating_point} == set(spec.FLOAT_DTYPES)
+    assert [d.itemsize for d in spec.DTYPES] == [4, 2, 2, 4]  # as moemesh.proto's comments state
 
 
 @settings(max_examples=40, derandomize=True, deadline=None, database=None)
 @given(
-    dtype=st.sampled_from(DTYPES),
+    dtype=st.sampled_from(spec.DTYPES),
     shape=st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple),
     seed=st.integers(0, 2**16),
 )
@@ -62,7 +52,7 @@ def test_tensor_round_trip_is_exact(dtype, shape, seed):
     assert torch.equal(back, t)
 
 
-@pytest.mark.parametrize("dtype", [d.torch for d in DTYPES], ids=[d.name for d in DTYPES])
+@pytest.mark.parametrize("dtype", [d.torch for d in spec.DTYPES], ids=[d.name for d in spec.DTYPES])
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4), (7,), (2, 3)], ids=str)
 def test_tensor_round_trip_zero_size_and_1d(dtype, shape):
     t = _sample(dtype, shape, seed=1)
@@ -275,7 +265,7 @@ def test_bad_compute_rows_name_the_field(rows, field):
 
 # -- hosts and topology ------------------------------------------------------------------------------
 
-HOST = HostInfo("h0", "10.0.0.1:7000", "cuda:0", "bfloat16", ((0, 0), (0, 1), (2, 7)), "tiny-mixtral",
+HOST = spec.HostInfo("h0", "10.0.0.1:7000", "cuda:0", "bfloat16", ((0, 0), (0, 1), (2, 7)), "tiny-mixtral",
                 node="node-a", relative_speed=0.5)  # fmt: skip
 
 
@@ -287,10 +277,12 @@ def test_host_info_round_trip():
 
 
 def test_topology_round_trip():
-    layer = LayerInfo(0, num_experts=8, hidden_size=64, intermediate_size=128, top_k=2, family="mixtral",
+    layer = spec.LayerInfo(0, num_experts=8, hidden_size=64, intermediate_size=128, top_k=2, family="mixtral",
                       shared_experts=0, tokens_routed=(0, 5, 2**40, 0, 0, 0, 0, 1))  # fmt: skip
-    down = HostInfo("h1", "10.0.0.2:7000", "cpu", "float32", ((1, 0),), "tiny-mixtral", healthy=False)
-    topology = Topology("tiny-mixtral", (layer, LayerInfo(1, 8, 64, 128, 2, "mixtral", 1)), (HOST, down))
+    down = spec.HostInfo("h1", "10.0.0.2:7000", "cpu", "float32", ((1, 0),), "tiny-mixtral", healthy=False)
+    topology = spec.Topology(
+        "tiny-mixtral", (layer, spec.LayerInfo(1, 8, 64, 128, 2, "mixtral", 1)), (HOST, down)
+    )
     msg = pb.GetTopologyResponse.FromString(wire.encode_topology(topology).SerializeToString())
     assert wire.decode_topology(msg) == topology
-    assert wire.decode_topology(pb.GetTopologyResponse()) == Topology("", (), ())
+    assert wire.decode_topology(pb.GetTopologyResponse()) == spec.Topology("", (), ())
