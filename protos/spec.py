@@ -123,6 +123,14 @@ class RoutingMode(str, Enum):
     THRESHOLD = "threshold"
 
 
+class InvalidArgument(ValueError):
+    """Bad input from a caller; `field` names the offending request field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 class InvalidRouting(ValueError):
     """A routing policy that does not fit the layer. `field` names the offending field."""
 

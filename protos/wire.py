@@ -25,6 +25,7 @@ from .spec import (
     DTYPES,
     FLOAT_DTYPES,
     HostInfo,
+    InvalidArgument,
     LayerInfo,
     Routing,
     RoutingMode,
@@ -44,14 +45,6 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
-
-
-class InvalidArgument(ValueError):
-    """Bad input from a caller; `field` names the offending request field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 _BIG_ENDIAN = sys.byteorder == "big"

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from moemesh.protos.spec import GateConfig, Routing, RoutingPolicy, Segment
+from moemesh.protos.spec import GateConfig, InvalidArgument, InvalidRouting, Routing, RoutingPolicy, Segment
 
 from .dispatch import (
     DispatchPlan,
@@ -81,14 +83,30 @@ class MoELayer:
 
 
 @dataclass(frozen=True)
+class LayerRequest:
+    """One caller's work for a layer.
+
+    hidden: [tokens, hidden]. finish: run on the executor in the finish hop with the request's
+    ForwardResult (e.g. to encode its reply); what it returns is `ForwardResult.finished`.
+    """
+
+    hidden: torch.Tensor
+    policy: RoutingPolicy | None = None
+    finish: Callable[[ForwardResult], Any] | None = None
+
+
+@dataclass(frozen=True)
 class ForwardResult:
-    """hidden: [tokens, hidden] in the input dtype."""
+    """hidden: [tokens, hidden] in the input dtype; routing: this request's own; plan: of the merged
+    batch it ran in (`batch_requests` requests)."""
 
     hidden: torch.Tensor
     routing: Routing
     plan: DispatchPlan
     retries: int = 0
     failed_hosts: tuple[str, ...] = field(default=())
+    batch_requests: int = 1
+    finished: Any = None
 
 
 @dataclass
@@ -111,9 +129,10 @@ class ForwardFacts:
     """What one forward has decided so far, filled in stage by stage for observers."""
 
     layer: int
-    tokens: int
-    policy: RoutingPolicy | None
-    routing: Routing | None = None  # after gate
+    tokens: int  # of every request in the batch
+    policy: RoutingPolicy | None  # of the batch's first request
+    requests: int = 1  # requests merged into this forward
+    routing: Routing | None = None  # after gate (merged)
     plan: DispatchPlan | None = None  # after plan
     retries: int = 0  # after dispatch: host batches re-sent to other replicas
     failed_hosts: tuple[str, ...] = ()  # after dispatch
@@ -158,6 +177,7 @@ class SparseMoE:
         self.tokens_routed = {
             layer: torch.zeros(spec.num_experts, dtype=torch.int64) for layer, spec in layers.items()
         }
+        self._count_lock = threading.Lock()
         # Where torch work runs; servers pass `moemesh.experts.device.torch_executor`.
         self._executor = executor or ThreadPoolExecutor(2, thread_name_prefix="moemesh-router")
 
@@ -184,60 +204,109 @@ class SparseMoE:
         policy: RoutingPolicy | None = None,
         timeout: float | None = None,
     ) -> ForwardResult:
-        """hidden: [tokens, hidden] -> the MoE block's output [tokens, hidden]."""
+        """hidden: [tokens, hidden] -> the MoE block's output [tokens, hidden] (one request alone)."""
+        (result,) = await self.forward_batch(layer, [LayerRequest(hidden, policy)], timeout)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def forward_batch(
+        self, layer: int, requests: Sequence[LayerRequest], timeout: float | None = None
+    ) -> list[ForwardResult | BaseException]:
+        """Several requests of one layer as one gate → plan → dispatch → combine.
+
+        requests[i].hidden: [T_i, hidden], all of one dtype. Each request is checked and gated with
+        its own policy; their routed rows share one plan, one call per host and one combine; each
+        gets its own rows of the output, identical to running it alone (up to float summation
+        order). Returns, per request, its ForwardResult or the error that is its alone (bad input);
+        an error of the shared work (no replica, deadline, a host error) is raised for all.
+        Two executor hops: prepare (checks, gate, plan, pack) and finish (combine, shared experts,
+        each request's `finish`). timeout: seconds for the whole batch (None = no deadline).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         spec = self.layers[layer]
         table = self._table
-        facts = ForwardFacts(layer, int(hidden.shape[0]), policy)
+        facts = ForwardFacts(
+            layer, sum(int(r.hidden.shape[0]) for r in requests), requests[0].policy, len(requests)
+        )
         observe = self.observer.stage
+        outcome: list[ForwardResult | BaseException | None] = [None] * len(requests)
 
-        # gate + plan + pack: one executor hop.
-        def prepare() -> tuple[Routing, DispatchPlan, list[torch.Tensor]]:
+        # prepare: one executor hop.
+        def prepare():
             with observe("gate", facts):
-                routing = facts.routing = self.gate(layer, hidden, policy)
+                routed = []  # (index, routing) of the requests that passed their checks
+                for i, r in enumerate(requests):
+                    try:
+                        check_finite(r.hidden)
+                        routed.append((i, self.gate(layer, r.hidden, r.policy)))
+                    except (InvalidArgument, InvalidRouting) as err:
+                        outcome[i] = err
+                if not routed:
+                    return None
+                merged = facts.routing = merge_routings([routing for _, routing in routed])
             with observe("plan", facts):
-                dispatch_plan = plan(
-                    routing, layer, spec.num_experts, table, self.chooser, self.health.down()
+                hidden = (
+                    torch.cat([requests[i].hidden for i, _ in routed])
+                    if len(routed) > 1
+                    else requests[routed[0][0]].hidden
                 )
-                self.tokens_routed[layer] += dispatch_plan.tokens_per_expert
-                facts.plan = dispatch_plan
-                return routing, dispatch_plan, [pack(hidden, b) for b in dispatch_plan.batches]
+                dispatch_plan = facts.plan = plan(
+                    merged, layer, spec.num_experts, table, self.chooser, self.health.down()
+                )
+                return routed, hidden, dispatch_plan, [pack(hidden, b) for b in dispatch_plan.batches]
 
-        routing, dispatch_plan, packed = await self.run(prepare)
+        prepared = await self.run(prepare)
+        if prepared is None:
+            return outcome  # every request failed its own checks
+        routed, hidden, dispatch_plan, packed = prepared
 
-        # dispatch: one call per host, all concurrent; shared experts meanwhile on the executor.
-        shared = asyncio.ensure_future(self.run(spec.shared, hidden)) if spec.shared else None
+        # dispatch: one call per host, all concurrent; the first failure cancels the others.
         attempt = _Attempt()
-        try:
-            with observe("dispatch", facts):
-                try:
-                    results = await asyncio.gather(
-                        *(
-                            self._dispatch(b, rows, hidden, table, deadline, attempt)
-                            for b, rows in zip(dispatch_plan.batches, packed)
-                        )
-                    )
-                finally:
-                    facts.retries, facts.failed_hosts = attempt.retries, tuple(sorted(attempt.failed))
-        except BaseException:
-            if shared is not None:
-                shared.cancel()
-            raise
-        shared_out = await shared if shared is not None else None
+        with observe("dispatch", facts):
+            try:
+                results = await _all(
+                    self._dispatch(b, rows, hidden, table, deadline, attempt)
+                    for b, rows in zip(dispatch_plan.batches, packed)
+                )
+            finally:
+                facts.retries, facts.failed_hosts = attempt.retries, tuple(sorted(attempt.failed))
 
-        # combine: weighted scatter-add in float32, then back to the input dtype.
-        def finish() -> torch.Tensor:
+        # finish: combine (weighted scatter-add in float32), shared experts, split, each request's
+        # own finishing work (e.g. encoding its reply); one executor hop.
+        def finish() -> None:
             out = torch.zeros(hidden.shape, dtype=torch.float32)
             for pairs in results:
                 for batch, rows in pairs:
                     combine(out, batch, rows)
-            if shared_out is not None:
-                out += shared_out.to(torch.float32)
-            return out.to(hidden.dtype)
+            if spec.shared is not None:
+                out += spec.shared(hidden).to(torch.float32)
+            with self._count_lock:  # load counts only work that succeeded
+                self.tokens_routed[layer] += dispatch_plan.tokens_per_expert
+            sizes = [int(requests[i].hidden.shape[0]) for i, _ in routed]
+            failed = tuple(sorted(attempt.failed))
+            for (i, routing), part in zip(routed, out.split(sizes)):
+                request = requests[i]
+                result = ForwardResult(
+                    part.to(request.hidden.dtype),
+                    routing,
+                    dispatch_plan,
+                    attempt.retries,
+                    failed,
+                    len(routed),
+                )
+                try:
+                    outcome[i] = (
+                        result
+                        if request.finish is None
+                        else dataclasses.replace(result, finished=request.finish(result))
+                    )
+                except Exception as err:  # that request's own finishing failed, not its neighbours'
+                    outcome[i] = err
 
         with observe("combine", facts):
-            out = await self.run(finish)
-        return ForwardResult(out, routing, dispatch_plan, attempt.retries, tuple(sorted(attempt.failed)))
+            await self.run(finish)
+        return outcome
 
     async def _dispatch(
         self,
@@ -258,14 +327,17 @@ class SparseMoE:
         except HostUnavailable:
             self.health.mark_down(batch.host)
             attempt.failed.add(batch.host)
-            moved = replan(batch, table, self.chooser, frozenset(attempt.failed) | self.health.down())
-            attempt.retries += len(moved)
-            DISPATCH_RETRY.set(True)
+            excluded = frozenset(attempt.failed) | self.health.down()
         finally:
             self.chooser.release(batch.host, batch.num_rows)
-        nested = await asyncio.gather(
-            *(self._dispatch(b, pack(hidden, b), hidden, table, deadline, attempt) for b in moved)
-        )
+
+        def move() -> list[tuple[HostBatch, torch.Tensor]]:  # torch work: on the executor
+            return [(b, pack(hidden, b)) for b in replan(batch, table, self.chooser, excluded)]
+
+        moved = await self.run(move)
+        attempt.retries += len(moved)
+        DISPATCH_RETRY.set(True)
+        nested = await _all(self._dispatch(b, rows, hidden, table, deadline, attempt) for b, rows in moved)
         return [pair for pairs in nested for pair in pairs]
 
     async def run(self, fn: Callable, *args):
@@ -276,3 +348,38 @@ class SparseMoE:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)
+
+
+async def _all(coros: Iterable[Awaitable]) -> list:
+    """Await every coroutine concurrently; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def check_finite(hidden: torch.Tensor) -> None:
+    """InvalidArgument naming the first token with a NaN or Inf."""
+    if not bool(torch.isfinite(hidden).all()):
+        bad = int((~torch.isfinite(hidden)).any(dim=1).nonzero()[0])
+        raise InvalidArgument("hidden.data", f"expected finite values; token {bad} has NaN or Inf")
+
+
+def merge_routings(routings: Sequence[Routing]) -> Routing:
+    """Routings of several requests as one: experts / weights [sum T_i, max K_i]; a request with
+    fewer slots is padded with unused slots (expert -1, weight 0)."""
+    if len(routings) == 1:
+        return routings[0]
+    k = max(r.experts.shape[1] for r in routings)
+
+    def pad(t: torch.Tensor, value: float) -> torch.Tensor:
+        return t if t.shape[1] == k else torch.nn.functional.pad(t, (0, k - t.shape[1]), value=value)
+
+    return Routing(
+        experts=torch.cat([pad(r.experts, -1) for r in routings]),
+        weights=torch.cat([pad(r.weights, 0.0) for r in routings]),
+    )
