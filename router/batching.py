@@ -94,7 +94,7 @@ class ForwardBatcher:
         try:
             # shield: a caller that gives up must not cancel the batch its neighbours share
             result = await asyncio.wait_for(asyncio.shield(item.future), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DeadlineExceeded(f"layer {layer}: deadline passed before the experts answered") from None
         finally:
             if not item.future.done():

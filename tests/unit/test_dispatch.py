@@ -108,7 +108,7 @@ class FakeTransport:
         if self.delay:
             try:
                 await asyncio.wait_for(asyncio.sleep(self.delay), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise DeadlineExceeded(f"host {host}: no answer within {timeout}s") from None
         if host in self.down:
             raise HostUnavailable(host, "down")

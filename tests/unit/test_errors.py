@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 
@@ -33,7 +31,7 @@ Code = grpc.StatusCode
         (DeadlineExceeded("expert host h0 did not answer in time"), Code.DEADLINE_EXCEEDED,
          "expert host h0 did not answer in time"),
         (DeadlineExceeded(), Code.DEADLINE_EXCEEDED, "deadline exceeded"),
-        (asyncio.TimeoutError(), Code.DEADLINE_EXCEEDED, "deadline exceeded"),
+        (TimeoutError(), Code.DEADLINE_EXCEEDED, "deadline exceeded"),
         (HostError("h0", Code.RESOURCE_EXHAUSTED, "out of memory"), Code.RESOURCE_EXHAUSTED,
          "expert host h0: RESOURCE_EXHAUSTED: out of memory"),
         # a host refusing what the router sent is the router's fault, not the caller's
@@ -99,7 +97,7 @@ def test_server_status_reaches_the_caller_as_the_matching_typed_error():
         (InvalidArgument("layer", "unknown MoE layer 9"), client_errors.InvalidArgumentError),
         (Overloaded("busy"), client_errors.ResourceExhaustedError),
         (NoReplica(1, 2), client_errors.UnavailableError),
-        (asyncio.TimeoutError(), client_errors.DeadlineExceededError),
+        (TimeoutError(), client_errors.DeadlineExceededError),
     ]:
         code, message = status_of(err)
         typed = client_errors.from_rpc_error(_RpcError(code, message))

@@ -78,7 +78,10 @@ def _solo(source, banks, requests):
     return asyncio.run(go())
 
 
-def _merged(source, banks, requests, act=None, config=BatchingConfig(max_inflight=1)):
+ONE_AT_A_TIME = BatchingConfig(max_inflight=1)
+
+
+def _merged(source, banks, requests, act=None, config=ONE_AT_A_TIME):
     """The first request starts alone and holds its hosts; the rest queue and run as one batch.
     `act(tasks)` runs while they wait (e.g. cancels one). Returns (outcomes, transport)."""
 
