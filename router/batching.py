@@ -86,7 +86,9 @@ class ForwardBatcher:
         validate_policy(self.moe.layers[layer].gate, policy)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
-        item = _Waiting(LayerRequest(hidden, policy, finish), loop.create_future(), contextvars.copy_context())
+        item = _Waiting(
+            LayerRequest(hidden, policy, finish), loop.create_future(), contextvars.copy_context()
+        )
         item.deadline = deadline
         key = (layer, hidden.dtype)
         self._waiting.setdefault(key, deque()).append(item)
