@@ -55,7 +55,7 @@ def package_imports(package: str) -> dict[str, set[str]]:
 
 
 def package_of(name: str) -> str | None:
-    """"moemesh.router.gating" -> "router"; None for a module outside moemesh."""
+    """ "moemesh.router.gating" -> "router"; None for a module outside moemesh."""
     parts = name.split(".")
     return parts[1] if parts[0] == "moemesh" and len(parts) > 1 and parts[1] in PACKAGES else None
 
