@@ -20,6 +20,8 @@ from enum import Enum
 from typing import Protocol
 
 from moemesh.protos.wire import DEFAULT_MAX_MESSAGE_BYTES
+from moemesh.services.admission import HostLimits, RouterLimits
+from moemesh.services.bootstrap import ServerConfig
 
 
 class Backend(str, Enum):
@@ -36,6 +38,8 @@ class MeshConfig:
     replicas: extra replicas of the hottest experts (None = the planner's default for Ray, none for
     the local backends). metrics_port: 0 = no /metrics; else the router serves it on this port and
     host i on port + 1 + i. env: extra environment for child processes and actors (e.g. OTEL_*).
+    host_limits / router_limits: what each expert host queues and what the router takes on before
+    answering RESOURCE_EXHAUSTED; max_concurrent_rpcs: calls each server runs at once.
     """
 
     model: str
@@ -48,6 +52,9 @@ class MeshConfig:
     metrics_port: int = 0
     replicas: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    host_limits: HostLimits = field(default_factory=HostLimits)
+    router_limits: RouterLimits = field(default_factory=RouterLimits)
+    max_concurrent_rpcs: int | None = ServerConfig.max_concurrent_rpcs
 
 
 class MeshBackend(Protocol):

@@ -8,6 +8,7 @@ the environment (except the OpenTelemetry SDK's own OTEL_* variables).
     moemesh serve-expert ...          # one expert host
     moemesh serve-router ...          # one router
     moemesh models                    # presets
+    moemesh bench                     # the mesh vs one process, naive Ray and Ray Serve, side by side
     moemesh trace serve / show / list # receive OTLP traces, print one as a waterfall or a PNG
 
 Tracing is on in a process when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set;
@@ -28,16 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moemesh.experts.weights import PRESETS
-from moemesh.protos.spec import FLOAT_DTYPES, parse_experts
-from moemesh.protos.wire import DEFAULT_MAX_MESSAGE_BYTES
-from moemesh.services.bootstrap import RunningServer, ServerConfig
+from moemesh.protos.spec import parse_experts
+from moemesh.services.admission import HostLimits, RouterLimits
+from moemesh.services.bootstrap import RunningServer
 from moemesh.services.telemetry import HOST_ATTRIBUTE, TelemetryConfig, configure_tracing, start_telemetry
 
 from .backend import Backend
-
-
-def _server_config(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(host=args.host, port=args.port, max_message_bytes=args.max_message_mb * 1024 * 1024)
+from .cli_args import device_args, limit_args, limits, metrics_arg, model_args, server_config, threads_arg
 
 
 def _write_ready(path: str | None, info: dict) -> None:
@@ -93,7 +91,8 @@ def _serve_expert(args: argparse.Namespace) -> int:
         experts=parse_experts(args.experts),
         device=args.device,
         dtype=args.dtype,
-        server=_server_config(args),
+        server=server_config(args),
+        limits=limits(HostLimits, args),
     )
     asyncio.run(_serve(ProcessSpec(expert=config, metrics_port=args.metrics_port), args.ready_file))
     return 0
@@ -105,7 +104,9 @@ def _serve_router(args: argparse.Namespace) -> int:
     from .local import ProcessSpec
 
     hosts = tuple(a.strip() for a in args.experts_at.split(",") if a.strip())
-    config = RouterConfig(model=args.model, hosts=hosts, server=_server_config(args))
+    config = RouterConfig(
+        model=args.model, hosts=hosts, server=server_config(args), limits=limits(RouterLimits, args)
+    )
     asyncio.run(_serve(ProcessSpec(router=config, metrics_port=args.metrics_port), args.ready_file))
     return 0
 
@@ -161,6 +162,9 @@ def _mesh_config(args: argparse.Namespace):
         "metrics_port": args.metrics_port,
         "replicas": args.replicas,
         "env": _otel_env(),
+        "host_limits": limits(HostLimits, args),
+        "router_limits": limits(RouterLimits, args),
+        "max_concurrent_rpcs": args.max_concurrent_rpcs or None,
     }
     if Backend(args.backend) is not Backend.RAY:
         return MeshConfig(host=args.host, **common)
@@ -272,6 +276,12 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import config_from_args, run_bench
+
+    return run_bench(config_from_args(args))
+
+
 def _trace(args: argparse.Namespace) -> int:
     from .traces import view as trace_view
 
@@ -287,51 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_args(p: argparse.ArgumentParser, port_default: int = 0) -> None:
-        p.add_argument(
-            "--model",
-            default="tiny-mixtral",
-            help=f"preset ({', '.join(PRESETS)}) or checkpoint directory (default: tiny-mixtral)",
-        )
-        p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
-        p.add_argument(
-            "--port", type=int, default=port_default, help=f"port to bind, 0 = any (default: {port_default})"
-        )
-        p.add_argument(
-            "--max-message-mb",
-            type=int,
-            default=DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024),
-            help="largest gRPC message accepted or sent, MiB (default: %(default)s)",
-        )
-
-    def threads_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--threads",
-            type=int,
-            default=0,
-            help="torch intra-op threads, 0 = torch's default (default: 0). Processes sharing "
-            "a machine should split its cores: oversubscribed torch threads spin and stall",
-        )
-
-    def metrics_arg(p: argparse.ArgumentParser, what: str = "") -> None:
-        p.add_argument(
-            "--metrics-port",
-            type=int,
-            default=0,
-            help=f"serve Prometheus /metrics on this port{what}, 0 = off (default: 0)",
-        )
-
-    def device_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", default="auto", help="cpu, cuda[:N], xpu, mps or auto (default: auto)")
-        p.add_argument(
-            "--dtype", default="float32", choices=FLOAT_DTYPES, help="expert compute dtype (default: float32)"
-        )
-
     p = sub.add_parser("serve-expert", help="serve the FFNs of some experts")
     model_args(p)
     device_args(p)
     p.add_argument("--host-id", required=True, help="stable name of this host in the routing table")
     p.add_argument("--experts", required=True, help="LAYER:FIRST-LAST[+...],... e.g. 0:0-3,1:0-3")
+    limit_args(p, host=True, router=False)
     threads_arg(p)
     metrics_arg(p)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
@@ -340,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve-router", help="serve the router over running expert hosts")
     model_args(p, port_default=50051)
     p.add_argument("--experts-at", required=True, help="comma-separated expert host addresses host:port")
+    limit_args(p, host=False, router=True)
     threads_arg(p)
     metrics_arg(p)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
@@ -388,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=Backend.RAY.value,
         help="ray (default); processes: one plain OS process per host, no Ray; embedded: all in this process",
     )
+    limit_args(p, host=True, router=True)
     metrics_arg(p, " for the router, PORT+1+i for expert host i")
     p.set_defaults(run=_up)
 
@@ -424,6 +397,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the presets")
     p.set_defaults(run=_models)
+
+    p = sub.add_parser(
+        "bench", help="tokens/s and latency of the mesh, one process, naive Ray and Ray Serve, side by side"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="preset or checkpoint (default: bench-mixtral; overload: medium-mixtral)",
+    )
+    p.add_argument(
+        "--tokens", default=None, help="tokens per request T, comma-separated (default: 1,16,128,512)"
+    )
+    p.add_argument(
+        "--clients", default=None, help="concurrent clients C, comma-separated (default: 1,8,32,128)"
+    )
+    p.add_argument(
+        "--systems",
+        default=None,
+        help="comma-separated, from single,mesh-processes,mesh-ray,naive-ray,ray-serve (default: all; single always)",
+    )
+    p.add_argument("--seconds", type=float, default=None, help="window per cell (default: 3; overload: 30)")
+    p.add_argument(
+        "--hosts", type=int, default=2, help="expert hosts of every distributed system (default: 2)"
+    )
+    p.add_argument(
+        "--device", default="cpu", help="expert device of the mesh and the single process (default: cpu)"
+    )
+    p.add_argument("--json", default=None, help="write every figure to this JSON file")
+    p.add_argument("--png", default=None, help="draw tokens/s against clients per T into this PNG file")
+    p.add_argument(
+        "--overload",
+        action="store_true",
+        help="the overload figure: T=2048, 128 clients with a deadline, goodput vs unloaded (processes mesh)",
+    )
+    p.add_argument(
+        "--deadline", type=float, default=1.0, help="overload: each call's deadline, s (default: 1)"
+    )
+    p.set_defaults(run=_bench)
 
     p = sub.add_parser("trace", help="receive OTLP traces and show them, with no other software")
     p.set_defaults(run=_trace)

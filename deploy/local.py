@@ -176,18 +176,34 @@ class EmbeddedMesh:
 
 def host_configs(config: MeshConfig) -> list[ExpertHostConfig]:
     """One expert host per placement entry, each on port 0 of `config.host`."""
-    server = ServerConfig(host=config.host, port=0, max_message_bytes=config.max_message_bytes)
+    server = ServerConfig(
+        host=config.host,
+        port=0,
+        max_message_bytes=config.max_message_bytes,
+        max_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
     return [
-        ExpertHostConfig(config.model, f"host-{i}", experts, config.device or "auto", config.dtype, server)
+        ExpertHostConfig(
+            config.model,
+            f"host-{i}",
+            experts,
+            config.device or "auto",
+            config.dtype,
+            server,
+            limits=config.host_limits,
+        )
         for i, experts in enumerate(local_placement(config))
     ]
 
 
 def router_config(config: MeshConfig, host_addresses: list[str]) -> RouterConfig:
     server = ServerConfig(
-        host=config.host, port=config.router_port, max_message_bytes=config.max_message_bytes
+        host=config.host,
+        port=config.router_port,
+        max_message_bytes=config.max_message_bytes,
+        max_concurrent_rpcs=config.max_concurrent_rpcs,
     )
-    return RouterConfig(config.model, tuple(host_addresses), server=server)
+    return RouterConfig(config.model, tuple(host_addresses), server=server, limits=config.router_limits)
 
 
 @dataclass

@@ -16,6 +16,7 @@ Clients find the router by name: `find_router()` returns its gRPC address.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -187,7 +188,7 @@ class RouterActor:
         telemetry = _telemetry("moemesh-router", config.server.host, metrics_port)
         # On a restart the hosts may have moved: ask each host actor for its address now.
         addresses = ray.get([ray.get_actor(n, namespace=namespace).address.remote() for n in host_names])
-        config = RouterConfig(config.model, tuple(addresses), config.discover_timeout_s, config.server)
+        config = dataclasses.replace(config, hosts=tuple(addresses))
         self._loop = LoopThread("moemesh-router")
         self._router = self._loop.call(start_router(config, telemetry=telemetry))
         self._address = f"{_advertised_host(config.server.host)}:{self._router.server.port}"
@@ -292,7 +293,7 @@ class RayMesh:
     def _start_actors(self, timeout_s: float) -> None:
         cfg = self.config
         bind = "127.0.0.1" if self.embedded else "0.0.0.0"
-        server = ServerConfig(host=bind, port=0, max_message_bytes=cfg.max_message_bytes)
+        server = ServerConfig(bind, 0, cfg.max_message_bytes, max_concurrent_rpcs=cfg.max_concurrent_rpcs)
         host_cls = ray.remote(ExpertHostActor)
         hosts = []
         for i, assignment in enumerate(self.plan.hosts()):
@@ -307,6 +308,7 @@ class RayMesh:
                 server=server,
                 node=slot.node,
                 relative_speed=slot.speed,
+                limits=cfg.host_limits,
             )
             options = _actor_options(slot, name, cfg, detached=not self.embedded)
             host_metrics = cfg.metrics_port + 1 + i if cfg.metrics_port else 0
@@ -325,7 +327,12 @@ class RayMesh:
             self.on_event(f"{name} serving at {address}")
 
         router_cfg = RouterConfig(
-            cfg.model, tuple(addresses), server=ServerConfig(bind, cfg.router_port, cfg.max_message_bytes)
+            cfg.model,
+            tuple(addresses),
+            server=ServerConfig(
+                bind, cfg.router_port, cfg.max_message_bytes, max_concurrent_rpcs=cfg.max_concurrent_rpcs
+            ),
+            limits=cfg.router_limits,
         )
         router_options = {
             "name": ROUTER_NAME,

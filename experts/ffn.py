@@ -3,6 +3,8 @@
 A request packs the rows of many experts into one tensor `rows: [R, hidden]`; `Segment`s say
 which rows belong to which (layer, expert). `ExpertBank.compute` validates every segment first,
 then runs each expert once over all of its rows and returns `[R, hidden]`.
+`ExpertBank.compute_many` does the same for several requests at once (an expert host merges
+concurrent calls): each expert still runs once, over the rows of every request.
 """
 
 from __future__ import annotations
@@ -167,21 +169,33 @@ class ExpertBank:
         Runs under no_grad rather than inference_mode: the result is an ordinary tensor, so callers
         outside inference mode may still update it in place (e.g. scale by routing weights).
         """
-        self.validate(segments, rows)
+        return self.compute_many([(segments, rows)])[0]
+
+    def compute_many(
+        self, requests: Sequence[tuple[Sequence[Segment], torch.Tensor]], *, checked: bool = False
+    ) -> list[torch.Tensor]:
+        """Several requests in one pass: each expert runs one matmul over the rows all of them bring it.
+
+        requests: [(segments_i, rows_i: [R_i, hidden])], rows in any float dtype.
+        Returns [out_i: [R_i, hidden]] in rows_i's dtype and device: out_i is compute(segments_i,
+        rows_i), whatever it was merged with (rows no segment covers are zero).
+        Every request is validated before any compute, unless `checked` says the caller already
+        validated each one (an expert host checks each call before queueing it).
+        """
+        if not checked:
+            for segments, rows in requests:
+                self.validate(segments, rows)
         with torch.no_grad():
-            x = rows.to(device=self.device, dtype=self.dtype)  # [R, H]
-            out = torch.zeros_like(x)
-            # Concurrent requests may bring several segments for one expert: one matmul per expert.
-            by_expert: dict[ExpertKey, list[Segment]] = {}
-            for s in segments:
-                by_expert.setdefault(s.key, []).append(s)
+            xs = [rows.to(device=self.device, dtype=self.dtype) for _, rows in requests]  # [R_i, H] each
+            outs = [torch.zeros_like(x) for x in xs]
+            # (request, segment) pairs per expert, in request order: one matmul per expert per pass.
+            by_expert: dict[ExpertKey, list[tuple[int, Segment]]] = {}
+            for i, (segments, _) in enumerate(requests):
+                for s in segments:
+                    by_expert.setdefault(s.key, []).append((i, s))
             for key, group in by_expert.items():
-                expert = self._experts[key]
-                if len(group) == 1:
-                    s = group[0]
-                    out[s.start : s.start + s.count] = expert(x[s.start : s.start + s.count])
-                    continue
-                y = expert(torch.cat([x[s.start : s.start + s.count] for s in group]))  # [sum(count), H]
-                for s, part in zip(group, y.split([s.count for s in group]), strict=True):
-                    out[s.start : s.start + s.count] = part
-            return out.to(device=rows.device, dtype=rows.dtype)
+                parts = [xs[i][s.start : s.start + s.count] for i, s in group]
+                y = self._experts[key](parts[0] if len(parts) == 1 else torch.cat(parts))  # [sum(count), H]
+                for (i, s), part in zip(group, y.split([s.count for _, s in group]), strict=True):
+                    outs[i][s.start : s.start + s.count] = part
+            return [out.to(device=rows.device, dtype=rows.dtype) for out, (_, rows) in zip(outs, requests)]

@@ -35,13 +35,15 @@ class ServerConfig:
 
     max_message_bytes bounds both received and sent messages; a bigger request gets
     RESOURCE_EXHAUSTED before any of it is decoded. grace_s is how long `stop` lets calls finish.
+    max_concurrent_rpcs: calls the server runs at once (health checks included); gRPC answers
+    RESOURCE_EXHAUSTED to the rest. None = no limit.
     """
 
     host: str = "127.0.0.1"
     port: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_s: float = 5.0
-    max_concurrent_rpcs: int | None = None
+    max_concurrent_rpcs: int | None = 1024
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from moemesh.router.dispatch import RoutingTable
 from moemesh.router.pipeline import MoELayer, SparseMoE
 from moemesh.router.replicas import LeastLoadedReplica
 
+from .admission import HostLimits, RouterLimits
 from .bootstrap import RunningServer, ServerConfig, start_server
 from .expert_service import ExpertServicer
 from .router_service import RouterServicer
@@ -37,6 +38,7 @@ class ExpertHostConfig:
     """One expert host: which experts of which model, on which device and dtype.
 
     model: a preset name or a checkpoint directory. device: "auto" picks an accelerator torch sees.
+    limits: what the host queues before it answers RESOURCE_EXHAUSTED (defaults in HostLimits).
     """
 
     model: str
@@ -47,16 +49,22 @@ class ExpertHostConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     node: str = ""  # where it runs, for topology and status
     relative_speed: float = 1.0  # vs the reference accelerator; the router favours faster replicas
+    limits: HostLimits = field(default_factory=HostLimits)
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """The router: the model whose gates it runs and the expert hosts' addresses."""
+    """The router: the model whose gates it runs and the expert hosts' addresses.
+
+    limits: the Forward / Route work it takes on before it answers RESOURCE_EXHAUSTED (defaults
+    in RouterLimits).
+    """
 
     model: str
     hosts: tuple[str, ...]
     discover_timeout_s: float = 60.0
     server: ServerConfig = field(default_factory=ServerConfig)
+    limits: RouterLimits = field(default_factory=RouterLimits)
 
 
 @dataclass
@@ -180,6 +188,7 @@ async def start_expert_host(
         node=config.node,
         relative_speed=config.relative_speed,
         telemetry=telemetry,
+        limits=config.limits,
     )
     server = await start_server(
         config.server,
@@ -213,6 +222,6 @@ async def start_router(
         executor=torch_executor(2, "moemesh-router"),
         observer=PipelineTelemetry(telemetry or Telemetry()),
     )
-    servicer = RouterServicer(moe, source.spec, hosts)
+    servicer = RouterServicer(moe, source.spec, hosts, config.limits)
     server = await start_server(config.server, [servicer.service()], interceptors, telemetry)
     return RouterHost(server, servicer, transport)

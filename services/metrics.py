@@ -11,9 +11,9 @@ them. `serve(host, port)` exposes `/metrics` over HTTP (port 0 binds any free po
 | moemesh_forward_tokens_total | counter | layer | tokens that entered a router forward (gated) |
 | moemesh_tokens_routed_total | counter | layer, expert | rows the router sent to each expert (tokens × k for top-k) |
 | moemesh_load_balance_ratio | gauge | layer | max over mean tokens per expert over the last `balance_window` forwards (1 = even) |
-| moemesh_compute_batch_rows | histogram | | rows per expert-host compute call |
-| moemesh_queue_depth | gauge | | compute calls on this host waiting for or running on its executor |
-| moemesh_queue_wait_seconds | histogram | | time from a decoded Compute request until the executor starts it |
+| moemesh_compute_batch_rows | histogram | | rows per expert-host compute round (the concurrent Compute calls merged into it) |
+| moemesh_queue_depth | gauge | | compute calls on this host waiting for or running in a compute round |
+| moemesh_queue_wait_seconds | histogram | | time from a decoded Compute request until its compute round starts |
 | moemesh_wire_bytes_total | counter | direction | serialized request (`received`) and reply (`sent`) bytes of this process's moemesh RPCs |
 | moemesh_device_memory_bytes | gauge | device | memory in use on the device (torch's allocator on accelerators; the expert weights on CPU) |
 | moemesh_gpu_temperature_celsius | gauge | gpu, uuid | GPU temperature, from NVML, only where NVML and a GPU exist |
@@ -105,18 +105,18 @@ class Metrics:
         )
         self.compute_batch_rows = Histogram(
             "moemesh_compute_batch_rows",
-            "Rows per expert-host compute call",
+            "Rows per expert-host compute round (concurrent Compute calls merged into one)",
             buckets=ROWS_BUCKETS,
             registry=r,
         )
         self.queue_depth = Gauge(
             "moemesh_queue_depth",
-            "Compute calls on this host waiting for or running on its compute executor",
+            "Compute calls on this host waiting for or running in a compute round",
             registry=r,
         )
         self.queue_wait = Histogram(
             "moemesh_queue_wait_seconds",
-            "Time from a decoded Compute request until the compute executor starts it",
+            "Time from a decoded Compute request until its compute round starts",
             buckets=QUEUE_SECONDS_BUCKETS,
             registry=r,
         )
@@ -164,9 +164,12 @@ class Metrics:
                 child.inc(count)
         self.load_balance_ratio.labels(name).set(ratio)
 
-    def observe_compute(self, queue_wait_s: float, rows: int) -> None:
-        """One compute call started after `queue_wait_s` in the queue, with `rows` rows."""
+    def observe_queue_wait(self, queue_wait_s: float) -> None:
+        """One compute call started after `queue_wait_s` in the queue."""
         self.queue_wait.observe(max(0.0, queue_wait_s))
+
+    def observe_round(self, rows: int) -> None:
+        """One compute round started, over `rows` rows of one or more merged calls."""
         self.compute_batch_rows.observe(rows)
 
     def track_device(self, device: torch.device, weight_bytes: Callable[[], int]) -> None:

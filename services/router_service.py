@@ -1,8 +1,10 @@
 """Router.Forward / Route / GetTopology: a thin servicer over `moemesh.router.pipeline.SparseMoE`.
 
-    decode ─▶ validate ─▶ gate ─▶ plan ─▶ dispatch ─▶ combine ─▶ encode
+    admit ─▶ decode ─▶ validate ─▶ gate ─▶ plan ─▶ dispatch ─▶ combine ─▶ encode
 
-What the router holds (gates, shared experts, the routing table) is built in `launch.py`.
+admit: the call's tokens are read from the message's shape, before any decoding or torch work;
+beyond `RouterLimits` (tokens and calls in flight) it gets `Overloaded` (RESOURCE_EXHAUSTED) at
+once. What the router holds (gates, shared experts, the routing table) is built in `launch.py`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from moemesh.protos import wire
 from moemesh.protos.spec import HostInfo, LayerInfo, ModelSpec, Topology
 from moemesh.router.pipeline import MoELayer, SparseMoE
 
+from .admission import Admission, RouterLimits, Ticket
 from .bootstrap import Service
 
 SERVICE_NAME = "moemesh.v1.Router"
@@ -26,10 +29,26 @@ SERVICE_NAME = "moemesh.v1.Router"
 class RouterServicer(pb_grpc.RouterServicer):
     """Forward, Route and GetTopology for one model."""
 
-    def __init__(self, moe: SparseMoE, spec: ModelSpec, hosts: Sequence[HostInfo]):
+    def __init__(
+        self, moe: SparseMoE, spec: ModelSpec, hosts: Sequence[HostInfo], limits: RouterLimits | None = None
+    ):
         self.moe = moe
         self.spec = spec
         self.hosts = list(hosts)
+        self.limits = limits or RouterLimits()
+        self.in_flight = Admission(
+            "router",
+            "at capacity",
+            "tokens",
+            "in flight",
+            self.limits.max_inflight_tokens,
+            self.limits.max_inflight_requests,
+        )
+
+    def _admit(self, request: pb.ForwardRequest | pb.RouteRequest) -> Ticket:
+        """Room for the call's tokens (the first dimension of `hidden`, nothing decoded yet)."""
+        shape = request.hidden.shape
+        return self.in_flight.admit(int(shape[0]) if len(shape) else 0)
 
     # -- validation: every message names the field and what was expected --------------------------
 
@@ -71,21 +90,23 @@ class RouterServicer(pb_grpc.RouterServicer):
     # -- RPCs ---------------------------------------------------------------------------------------
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
-        hidden, policy = await self._decode(request)
-        result = await self.moe.forward(request.layer, hidden, policy, timeout=context.time_remaining())
+        with self._admit(request):
+            hidden, policy = await self._decode(request)
+            result = await self.moe.forward(request.layer, hidden, policy, timeout=context.time_remaining())
 
-        def encode() -> pb.ForwardResponse:
-            reply = pb.ForwardResponse(hidden=wire.encode_tensor(result.hidden))
-            if request.return_routing:
-                reply.routing.CopyFrom(wire.encode_routing(result.routing))
-            return reply
+            def encode() -> pb.ForwardResponse:
+                reply = pb.ForwardResponse(hidden=wire.encode_tensor(result.hidden))
+                if request.return_routing:
+                    reply.routing.CopyFrom(wire.encode_routing(result.routing))
+                return reply
 
-        return await self.moe.run(encode)
+            return await self.moe.run(encode)
 
     async def Route(self, request: pb.RouteRequest, context) -> pb.RouteResponse:
-        hidden, policy = await self._decode(request)
-        routing = await self.moe.route(request.layer, hidden, policy)
-        return pb.RouteResponse(routing=wire.encode_routing(routing))
+        with self._admit(request):
+            hidden, policy = await self._decode(request)
+            routing = await self.moe.route(request.layer, hidden, policy)
+            return pb.RouteResponse(routing=wire.encode_routing(routing))
 
     async def GetTopology(self, request: pb.GetTopologyRequest, context) -> pb.GetTopologyResponse:
         return wire.encode_topology(self.topology())

@@ -294,6 +294,7 @@ def stage_attributes(name: str, facts: ForwardFacts) -> dict[str, Any]:
     attrs: dict[str, Any] = {"moemesh.layer": facts.layer}
     if name == "gate":
         attrs["moemesh.tokens"] = facts.tokens
+        attrs["moemesh.batch.requests"] = facts.requests  # forwards merged into this one
         attrs["moemesh.routing.policy"] = describe_policy(facts.policy)
         if facts.routing is not None:
             attrs["moemesh.routing.slots"] = int(facts.routing.experts.shape[1])

@@ -176,7 +176,7 @@ class InProcessTransport:
             return await asyncio.wait_for(
                 loop.run_in_executor(self._executor, bank.compute, segments, rows), timeout
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DeadlineExceeded(f"expert host {host} did not answer in time") from None
 
     async def close(self) -> None:

@@ -1,0 +1,106 @@
+"""Argument groups that several `moemesh` subcommands share, and the typed configs parsed from
+them (deploy/cli.py builds the parser)."""
+
+from __future__ import annotations
+
+import argparse
+
+from moemesh.experts.weights import PRESETS
+from moemesh.protos.spec import FLOAT_DTYPES
+from moemesh.protos.wire import DEFAULT_MAX_MESSAGE_BYTES
+from moemesh.services.admission import HostLimits, RouterLimits
+from moemesh.services.bootstrap import ServerConfig
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The server config of `serve-expert` / `serve-router`: bind address, message and call limits."""
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        max_concurrent_rpcs=args.max_concurrent_rpcs or None,
+    )
+
+
+def limits(cls, args: argparse.Namespace):
+    """`cls` (HostLimits or RouterLimits) from the flags of the same names."""
+    try:
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+    except ValueError as err:
+        raise SystemExit(f"moemesh {args.command}: {err}") from None
+
+
+def model_args(p: argparse.ArgumentParser, port_default: int = 0) -> None:
+    p.add_argument(
+        "--model",
+        default="tiny-mixtral",
+        help=f"preset ({', '.join(PRESETS)}) or checkpoint directory (default: tiny-mixtral)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=port_default, help=f"port to bind, 0 = any (default: {port_default})"
+    )
+    p.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024),
+        help="largest gRPC message accepted or sent, MiB (default: %(default)s)",
+    )
+
+
+def threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads, 0 = torch's default (default: 0). Processes sharing "
+        "a machine should split its cores: oversubscribed torch threads spin and stall",
+    )
+
+
+def metrics_arg(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help=f"serve Prometheus /metrics on this port{what}, 0 = off (default: 0)",
+    )
+
+
+def limit_args(p: argparse.ArgumentParser, host: bool, router: bool) -> None:
+    """Admission limits: beyond them a call gets RESOURCE_EXHAUSTED at once (README: memory bound)."""
+    flags = []
+    if host:
+        h = HostLimits()
+        flags += [
+            ("max_queue_rows", h, "expert host: rows queued or computing"),
+            ("max_queue_requests", h, "expert host: Compute calls queued or computing"),
+            ("max_request_rows", h, "expert host: rows in one Compute request"),
+            ("max_segments", h, "expert host: segments in one Compute request"),
+            ("max_batch_rows", h, "expert host: rows merged into one compute round"),
+        ]
+    if router:
+        r = RouterLimits()
+        flags += [
+            ("max_inflight_tokens", r, "router: tokens of the Forward/Route calls in flight"),
+            ("max_inflight_requests", r, "router: Forward/Route calls in flight"),
+        ]
+    for name, defaults, what in flags:
+        default = getattr(defaults, name)
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=int, default=default, help=f"{what} (default: {default})"
+        )
+    default_rpcs = ServerConfig.max_concurrent_rpcs or 0
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=default_rpcs,
+        help=f"calls each server runs at once, 0 = no limit (default: {default_rpcs})",
+    )
+
+
+def device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N], xpu, mps or auto (default: auto)")
+    p.add_argument(
+        "--dtype", default="float32", choices=FLOAT_DTYPES, help="expert compute dtype (default: float32)"
+    )

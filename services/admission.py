@@ -1,0 +1,133 @@
+"""Admission control: what a router or an expert host takes on, and the refusal of the rest.
+
+Every queue is bounded by rows and by requests. A request that does not fit is refused at once
+with `Overloaded` (RESOURCE_EXHAUSTED) naming what is full and its limit, before any of its
+tensor is decoded; nothing waits in an unbounded queue. The limits are typed configs, parsed once
+at the entry point (CLI / deploy) and carried by `ExpertHostConfig` and `RouterConfig`.
+
+    admission = Admission("expert host h0", "queue full", "rows", "queued", max_rows=4096, max_requests=64)
+    ticket = admission.admit(rows)   # Overloaded at once when full
+    ...                              # decode, queue, compute, reply
+    ticket.release()                 # idempotent
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from .errors import Overloaded
+
+
+def _check_positive(owner: object) -> None:
+    for name, value in vars(owner).items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{type(owner).__name__}.{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """What one expert host admits (`moemesh serve-expert`, `moemesh up`). A row is one token's
+    hidden vector sent to one expert.
+
+    max_queue_rows: rows of the Compute calls admitted and not yet answered (waiting or computing).
+    max_queue_requests: Compute calls admitted and not yet answered.
+    max_request_rows: rows of one Compute request, read from its shape before decoding.
+    max_segments: segments of one Compute request, read from the message before decoding.
+    max_batch_rows: rows merged into one compute round; a larger single request runs alone.
+    """
+
+    max_queue_rows: int = 32768
+    max_queue_requests: int = 256
+    max_request_rows: int = 32768
+    max_segments: int = 4096
+    max_batch_rows: int = 8192
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+        if self.max_request_rows > self.max_queue_rows:
+            raise ValueError(
+                f"HostLimits.max_request_rows ({self.max_request_rows}) must not exceed "
+                f"max_queue_rows ({self.max_queue_rows}): such a request could never be queued"
+            )
+
+
+@dataclass(frozen=True)
+class RouterLimits:
+    """What one router admits (`moemesh serve-router`, `moemesh up`): Forward and Route calls in
+    flight, from the request's arrival to its reply.
+
+    max_inflight_tokens: tokens (rows of `hidden`) of the calls in flight; also the most one call may bring.
+    max_inflight_requests: calls in flight.
+    """
+
+    max_inflight_tokens: int = 8192
+    max_inflight_requests: int = 256
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+
+
+class Ticket:
+    """One admitted request's share of an `Admission`; `release()` gives it back (idempotent)."""
+
+    __slots__ = ("_admission", "rows")
+
+    def __init__(self, admission: Admission, rows: int):
+        self._admission: Admission | None = admission
+        self.rows = rows
+
+    def release(self) -> None:
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission._release(self.rows)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class Admission:
+    """Counts admitted work against a limit on rows and one on requests; thread-safe.
+
+    The words of the refusal: what (who refuses, e.g. "expert host h0"), full (e.g. "queue full"),
+    unit ("rows", "tokens") and state ("queued", "in flight"), as in "expert host h0: queue full
+    (4096 of 4096 rows queued, 16 more asked); retry later".
+    """
+
+    def __init__(self, what: str, full: str, unit: str, state: str, max_rows: int, max_requests: int):
+        self.what, self.full, self.unit, self.state = what, full, unit, state
+        self.max_rows, self.max_requests = max_rows, max_requests
+        self.rows = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+
+    def admit(self, rows: int) -> Ticket:
+        """Take a request of `rows` rows, or raise Overloaded at once saying what is full."""
+        rows = max(0, int(rows))
+        if rows > self.max_rows:
+            raise Overloaded(
+                f"{self.what}: a request of {rows} {self.unit} exceeds the limit of {self.max_rows} "
+                f"{self.unit} {self.state}; split it"
+            )
+        with self._lock:
+            if self.requests + 1 > self.max_requests:
+                raise Overloaded(
+                    f"{self.what}: {self.full} ({self.requests} of {self.max_requests} requests "
+                    f"{self.state}); retry later"
+                )
+            if self.rows + rows > self.max_rows:
+                raise Overloaded(
+                    f"{self.what}: {self.full} ({self.rows} of {self.max_rows} {self.unit} {self.state}, "
+                    f"{rows} more asked); retry later"
+                )
+            self.rows += rows
+            self.requests += 1
+        return Ticket(self, rows)
+
+    def _release(self, rows: int) -> None:
+        with self._lock:
+            self.rows -= rows
+            self.requests -= 1
