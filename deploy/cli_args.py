@@ -84,6 +84,9 @@ def limit_args(p: argparse.ArgumentParser, host: bool, router: bool) -> None:
         flags += [
             ("max_inflight_tokens", r, "router: tokens of the Forward/Route calls in flight"),
             ("max_inflight_requests", r, "router: Forward/Route calls in flight"),
+            ("max_batch_tokens", r, "router: tokens of concurrent Forward calls merged into one"),
+            ("max_batches_in_flight", r, "router: merged forwards of one layer running at once"),
+            ("batch_window_us", r, "router: how long a Forward that could start waits for others, µs"),
         ]
     for name, defaults, what in flags:
         default = getattr(defaults, name)

@@ -194,9 +194,6 @@ class SparseMoE:
         spec = self.layers[layer]
         return route(hidden, spec.gate_weight, spec.gate, policy, spec.correction_bias)
 
-    async def route(self, layer: int, hidden: torch.Tensor, policy: RoutingPolicy | None = None) -> Routing:
-        return await self.run(self.gate, layer, hidden, policy)
-
     async def forward(
         self,
         layer: int,

@@ -16,13 +16,16 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from moemesh.router.batching import BatchingConfig
+
 from .errors import Overloaded
 
 
-def _check_positive(owner: object) -> None:
+def _check_positive(owner: object, may_be_zero: tuple[str, ...] = ()) -> None:
     for name, value in vars(owner).items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{type(owner).__name__}.{name} must be an integer >= 1, got {value!r}")
+        least = 0 if name in may_be_zero else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{type(owner).__name__}.{name} must be an integer >= {least}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -59,13 +62,22 @@ class RouterLimits:
 
     max_inflight_tokens: tokens (rows of `hidden`) of the calls in flight; also the most one call may bring.
     max_inflight_requests: calls in flight.
+    Continuous batching (router/batching.py) of the Forward calls of one layer:
+    max_batch_tokens: tokens merged into one forward; max_batches_in_flight: merged forwards of a
+    layer running at once; batch_window_us: how long a call that could start waits for others.
     """
 
     max_inflight_tokens: int = 8192
     max_inflight_requests: int = 256
+    max_batch_tokens: int = 8192
+    max_batches_in_flight: int = 2
+    batch_window_us: int = 0
 
     def __post_init__(self) -> None:
-        _check_positive(self)
+        _check_positive(self, may_be_zero=("batch_window_us",))
+
+    def batching(self) -> BatchingConfig:
+        return BatchingConfig(self.max_batch_tokens, self.max_batches_in_flight, self.batch_window_us / 1e6)
 
 
 class Ticket:

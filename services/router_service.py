@@ -18,7 +18,8 @@ from moemesh.protos import moemesh_pb2 as pb
 from moemesh.protos import moemesh_pb2_grpc as pb_grpc
 from moemesh.protos import wire
 from moemesh.protos.spec import HostInfo, LayerInfo, ModelSpec, Topology
-from moemesh.router.pipeline import MoELayer, SparseMoE
+from moemesh.router.batching import ForwardBatcher
+from moemesh.router.pipeline import ForwardResult, MoELayer, SparseMoE, check_finite
 
 from .admission import Admission, RouterLimits, Ticket
 from .bootstrap import Service
@@ -36,6 +37,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         self.spec = spec
         self.hosts = list(hosts)
         self.limits = limits or RouterLimits()
+        self.batcher = ForwardBatcher(moe, self.limits.batching())
         self.in_flight = Admission(
             "router",
             "at capacity",
@@ -73,40 +75,40 @@ class RouterServicer(pb_grpc.RouterServicer):
             )
         return hidden
 
-    @staticmethod
-    def _check_finite(hidden: torch.Tensor) -> None:
-        if not bool(torch.isfinite(hidden).all()):
-            bad = int((~torch.isfinite(hidden)).any(dim=1).nonzero()[0])
-            raise wire.InvalidArgument("hidden.data", f"expected finite values; token {bad} has NaN or Inf")
-
-    async def _decode(self, request: pb.ForwardRequest | pb.RouteRequest):
-        """layer, hidden and routing override of a Forward or Route request, all checked."""
+    def _decode(self, request: pb.ForwardRequest | pb.RouteRequest):
+        """hidden and routing override of a Forward or Route request, checked up to their values
+        (NaN / Inf are found with the torch work, off the event loop)."""
         spec = self._layer(request.layer)
         hidden = self._hidden(request.hidden, request.HasField("hidden"), spec)
-        policy = wire.decode_policy(request.routing, request.HasField("routing"))
-        await self.moe.run(self._check_finite, hidden)
-        return hidden, policy
+        return hidden, wire.decode_policy(request.routing, request.HasField("routing"))
 
     # -- RPCs ---------------------------------------------------------------------------------------
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
         with self._admit(request):
-            hidden, policy = await self._decode(request)
-            result = await self.moe.forward(request.layer, hidden, policy, timeout=context.time_remaining())
+            hidden, policy = self._decode(request)
 
-            def encode() -> pb.ForwardResponse:
+            def encode(result: ForwardResult) -> pb.ForwardResponse:  # in the forward's finish hop
                 reply = pb.ForwardResponse(hidden=wire.encode_tensor(result.hidden))
                 if request.return_routing:
                     reply.routing.CopyFrom(wire.encode_routing(result.routing))
                 return reply
 
-            return await self.moe.run(encode)
+            timeout = context.time_remaining()
+            result = await self.batcher.forward(request.layer, hidden, policy, timeout, finish=encode)
+            return result.finished
 
     async def Route(self, request: pb.RouteRequest, context) -> pb.RouteResponse:
         with self._admit(request):
-            hidden, policy = await self._decode(request)
-            routing = await self.moe.route(request.layer, hidden, policy)
-            return pb.RouteResponse(routing=wire.encode_routing(routing))
+            hidden, policy = self._decode(request)
+
+            def route() -> pb.RouteResponse:  # one executor hop: check, gate, encode
+                check_finite(hidden)
+                return pb.RouteResponse(
+                    routing=wire.encode_routing(self.moe.gate(request.layer, hidden, policy))
+                )
+
+            return await self.moe.run(route)
 
     async def GetTopology(self, request: pb.GetTopologyRequest, context) -> pb.GetTopologyResponse:
         return wire.encode_topology(self.topology())
