@@ -292,6 +292,15 @@ def _trace(args: argparse.Namespace) -> int:
     return trace_view.list_traces(args.file)
 
 
+def serve_args(p: argparse.ArgumentParser, run, host: bool) -> None:
+    """What serve-expert and serve-router share: their limits, threads, metrics and ready file."""
+    limit_args(p, host=host, router=not host)
+    threads_arg(p)
+    metrics_arg(p)
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)
+    p.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moemesh", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -302,20 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     device_args(p)
     p.add_argument("--host-id", required=True, help="stable name of this host in the routing table")
     p.add_argument("--experts", required=True, help="LAYER:FIRST-LAST[+...],... e.g. 0:0-3,1:0-3")
-    limit_args(p, host=True, router=False)
-    threads_arg(p)
-    metrics_arg(p)
-    p.add_argument("--ready-file", help=argparse.SUPPRESS)
-    p.set_defaults(run=_serve_expert)
+    serve_args(p, _serve_expert, host=True)
 
     p = sub.add_parser("serve-router", help="serve the router over running expert hosts")
     model_args(p, port_default=50051)
     p.add_argument("--experts-at", required=True, help="comma-separated expert host addresses host:port")
-    limit_args(p, host=False, router=True)
-    threads_arg(p)
-    metrics_arg(p)
-    p.add_argument("--ready-file", help=argparse.SUPPRESS)
-    p.set_defaults(run=_serve_router)
+    serve_args(p, _serve_router, host=False)
 
     p = sub.add_parser(
         "serve", help="serve what a ProcessSpec JSON file describes (used by --backend processes)"

@@ -1,7 +1,7 @@
 """Batching and admission control over real gRPC: an expert host (and a router) on 127.0.0.1 port 0,
 called concurrently from this thread with grpc futures.
 
-The host's first compute round is held (tests/held_rounds.py) until the test releases it: calls
+The host's first compute round is held (tests/fakes.py) until the test releases it: calls
 made meanwhile wait in the host's queue, so what merges, and what is refused, is deterministic.
 """
 
@@ -30,7 +30,7 @@ from moemesh.services.launch import (
     start_expert_host,
     start_router,
 )
-from tests.held_rounds import HeldRounds
+from tests.fakes import HeldRounds
 from tests.references import assert_matches_reference
 
 pytestmark = pytest.mark.integration

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 from moemesh.experts.device import torch_executor
-from moemesh.experts.ffn import ExpertBank
 from moemesh.experts.weights import open_source
 from moemesh.protos import moemesh_pb2 as pb
 from moemesh.protos import wire
@@ -25,40 +23,19 @@ from moemesh.services.expert_service import ExpertServicer
 from moemesh.services.launch import build_layers
 from moemesh.services.router_service import RouterServicer
 from moemesh.services.transport import InProcessTransport
+from tests.fakes import Context, tiny_bank
+from tests.fakes import until as _until
 
-MODEL = "tiny-mixtral"  # 2 MoE layers, 8 experts, hidden 64
-H = 64
-EXACT = {"rtol": 0.0, "atol": 1e-6}
-
-
-@dataclass
-class Context:
-    """The part of grpc.aio.ServicerContext the servicers use."""
-
-    remaining: float | None = None
-
-    def time_remaining(self) -> float | None:
-        return self.remaining
+MODEL, H = "tiny-mixtral", 64  # 2 MoE layers, 8 experts
 
 
 @pytest.fixture(scope="module")
 def bank():
-    source = open_source(MODEL)
-    return ExpertBank.from_source(
-        source, [(layer, e) for layer in (0, 1) for e in range(8)], "cpu", torch.float32
-    )
+    return tiny_bank(MODEL)
 
 
 def _rows(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, H, generator=torch.Generator().manual_seed(seed))
-
-
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(6000):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"never happened: {what}")
 
 
 # -- admission -------------------------------------------------------------------------------------
@@ -161,7 +138,7 @@ def test_full_router_is_overloaded_at_once_then_serves_exactly(bank):
             await transport.inner.close()
 
     (a, _), alone = asyncio.run(scenario())
-    torch.testing.assert_close(_out_hidden(a), _out_hidden(alone), **EXACT)
+    torch.testing.assert_close(_out_hidden(a), _out_hidden(alone), rtol=0.0, atol=1e-6)
 
 
 def _out_hidden(reply: pb.ForwardResponse) -> torch.Tensor:

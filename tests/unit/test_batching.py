@@ -1,7 +1,7 @@
 """Batching on the expert host, without sockets: `ExpertBank.compute_many` against `compute`, and
 the ExpertServicer's batcher and queue limits, called directly on an event loop.
 
-A held round (tests/held_rounds.py: the bank's `compute_many`, its first call waiting for an Event)
+A held round (tests/fakes.py: the bank's `compute_many`, its first call waiting for an Event)
 makes every scenario deterministic: calls that arrive while it runs wait in the queue, and the test
 waits on conditions, never on time.
 """
@@ -9,8 +9,6 @@ waits on conditions, never on time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,8 +17,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from moemesh.experts.ffn import ExpertBank
-from moemesh.experts.weights import open_source
 from moemesh.protos import moemesh_pb2 as pb
 from moemesh.protos import wire
 from moemesh.protos.spec import Segment
@@ -30,29 +26,15 @@ from moemesh.services.errors import Overloaded
 from moemesh.services.expert_service import ExpertServicer
 from moemesh.services.metrics import Metrics
 from moemesh.services.telemetry import Telemetry
-from tests.held_rounds import HeldRounds
+from tests.fakes import Context, HeldRounds, tiny_bank
+from tests.fakes import until as _until
 
-MODEL = "tiny-mixtral"  # 2 MoE layers, 8 experts, hidden 64
-H = 64
-EXACT = {"rtol": 0.0, "atol": 1e-6}
-
-
-@dataclass
-class Context:
-    """The part of grpc.aio.ServicerContext the servicers use."""
-
-    remaining: float | None = None
-
-    def time_remaining(self) -> float | None:
-        return self.remaining
+MODEL, H = "tiny-mixtral", 64  # 2 MoE layers, 8 experts
 
 
 @pytest.fixture(scope="module")
 def bank():
-    source = open_source(MODEL)
-    return ExpertBank.from_source(
-        source, [(layer, e) for layer in (0, 1) for e in range(8)], "cpu", torch.float32
-    )
+    return tiny_bank(MODEL)
 
 
 def _rows(n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -76,7 +58,7 @@ def test_compute_many_equals_each_request_alone(bank):
     assert len(merged) == len(requests)
     for (segments, rows), out in zip(requests, merged):
         assert out.shape == rows.shape and out.dtype == rows.dtype
-        torch.testing.assert_close(out, bank.compute(segments, rows), **EXACT)
+        torch.testing.assert_close(out, bank.compute(segments, rows), rtol=0.0, atol=1e-6)
     assert torch.equal(merged[1][5], torch.zeros(H))  # uncovered rows stay zero
 
 
@@ -101,8 +83,8 @@ def test_compute_many_keeps_each_requests_dtype(bank):
     requests = [([Segment(0, 3, 0, 4)], _rows(4, 0, torch.bfloat16)), ([Segment(0, 3, 0, 2)], _rows(2, 1))]
     low, full = bank.compute_many(requests)
     assert (low.dtype, full.dtype) == (torch.bfloat16, torch.float32)
-    torch.testing.assert_close(full, bank.compute(*requests[1]), **EXACT)
-    torch.testing.assert_close(low, bank.compute(*requests[0]), **EXACT)
+    torch.testing.assert_close(full, bank.compute(*requests[1]), rtol=0.0, atol=1e-6)
+    torch.testing.assert_close(low, bank.compute(*requests[0]), rtol=0.0, atol=1e-6)
 
 
 def test_compute_many_checks_every_request_before_computing(bank, monkeypatch):
@@ -136,14 +118,6 @@ def host(bank, monkeypatch):
         servicer.close()
 
 
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(6000):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"never happened: {what}")
-
-
 def _request(segments, rows) -> pb.ComputeRequest:
     return wire.encode_compute(segments, rows)
 
@@ -172,7 +146,7 @@ def test_concurrent_calls_merge_into_one_round_and_equal_solo_results(bank, host
     replies = asyncio.run(scenario())[1:]
     assert [len(r) for r in held.rounds] == [1, len(requests)]  # the waiting calls made one round
     for (segments, rows), reply in zip(requests, replies):
-        torch.testing.assert_close(_out(reply), held.inner([(segments, rows)])[0], **EXACT)
+        torch.testing.assert_close(_out(reply), held.inner([(segments, rows)])[0], rtol=0.0, atol=1e-6)
     assert (servicer.queue.rows, servicer.queue.requests) == (0, 0)
 
 
@@ -265,7 +239,7 @@ def test_cancelled_and_expired_calls_are_dropped_and_leave_batch_mates_exact(hos
     replies = asyncio.run(scenario())[1:]
     assert held.sizes()[1:] == [[3, 2]]
     for (segments, rows), reply in zip(mates, replies):
-        torch.testing.assert_close(_out(reply), held.inner([(segments, rows)])[0], **EXACT)
+        torch.testing.assert_close(_out(reply), held.inner([(segments, rows)])[0], rtol=0.0, atol=1e-6)
     assert (servicer.queue.rows, servicer.queue.requests) == (0, 0)
 
 

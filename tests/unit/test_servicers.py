@@ -25,19 +25,10 @@ from moemesh.services.expert_service import ExpertServicer
 from moemesh.services.launch import build_layers
 from moemesh.services.router_service import RouterServicer
 from moemesh.services.transport import InProcessTransport
+from tests.fakes import Context
 
 MODEL = "tiny-mixtral"  # 2 MoE layers, 8 experts, top-2 softmax, hidden 64
 HIDDEN = 64
-
-
-@dataclass
-class Context:
-    """The part of grpc.aio.ServicerContext the servicers use."""
-
-    remaining: float | None = None
-
-    def time_remaining(self) -> float | None:
-        return self.remaining
 
 
 @dataclass
