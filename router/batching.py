@@ -19,13 +19,9 @@ import asyncio
 import contextvars
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-
-from moemesh.protos.spec import RoutingPolicy
 
 from .gating import validate_policy
 from .pipeline import DeadlineExceeded, ForwardResult, LayerRequest, SparseMoE
@@ -73,24 +69,16 @@ class ForwardBatcher:
         self._running: dict[tuple[int, torch.dtype], int] = {}
         self._timers: dict[tuple[int, torch.dtype], asyncio.TimerHandle] = {}
 
-    async def forward(
-        self,
-        layer: int,
-        hidden: torch.Tensor,
-        policy: RoutingPolicy | None = None,
-        timeout: float | None = None,
-        finish: Callable[[ForwardResult], Any] | None = None,
-    ) -> ForwardResult:
-        """hidden: [tokens, hidden] -> the layer's output, as `SparseMoE.forward` (merged with the
-        requests that arrive meanwhile). Raises InvalidRouting before queueing for a bad policy."""
-        validate_policy(self.moe.layers[layer].gate, policy)
+    async def forward(self, layer: int, request: LayerRequest, timeout: float | None = None) -> ForwardResult:
+        """request.hidden: [tokens, hidden] -> the layer's output, as `SparseMoE.forward` (merged
+        with the requests that arrive meanwhile). Raises InvalidRouting before queueing for a bad
+        policy, DeadlineExceeded after `timeout` seconds."""
+        validate_policy(self.moe.layers[layer].gate, request.policy)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
-        item = _Waiting(
-            LayerRequest(hidden, policy, finish), loop.create_future(), contextvars.copy_context()
-        )
+        item = _Waiting(request, loop.create_future(), contextvars.copy_context())
         item.deadline = deadline
-        key = (layer, hidden.dtype)
+        key = (layer, request.hidden.dtype)
         self._waiting.setdefault(key, deque()).append(item)
         self._start(key)
         try:

@@ -19,7 +19,7 @@ from moemesh.protos import moemesh_pb2_grpc as pb_grpc
 from moemesh.protos import wire
 from moemesh.protos.spec import HostInfo, LayerInfo, ModelSpec, Topology
 from moemesh.router.batching import ForwardBatcher
-from moemesh.router.pipeline import ForwardResult, MoELayer, SparseMoE, check_finite
+from moemesh.router.pipeline import ForwardResult, LayerRequest, MoELayer, SparseMoE, check_finite
 
 from .admission import Admission, RouterLimits, Ticket
 from .bootstrap import Service
@@ -95,7 +95,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                 return reply
 
             timeout = context.time_remaining()
-            result = await self.batcher.forward(request.layer, hidden, policy, timeout, finish=encode)
+            result = await self.batcher.forward(request.layer, LayerRequest(hidden, policy, encode), timeout)
             return result.finished
 
     async def Route(self, request: pb.RouteRequest, context) -> pb.RouteResponse:

@@ -13,7 +13,7 @@ from moemesh.experts.weights import open_source
 from moemesh.protos.spec import InvalidArgument, InvalidRouting, RoutingMode, RoutingPolicy
 from moemesh.router.batching import BatchingConfig, ForwardBatcher
 from moemesh.router.dispatch import RoutingTable
-from moemesh.router.pipeline import DeadlineExceeded, SparseMoE
+from moemesh.router.pipeline import DeadlineExceeded, LayerRequest, SparseMoE
 from moemesh.services.launch import build_layers
 from moemesh.services.transport import InProcessTransport
 
@@ -90,10 +90,10 @@ def _merged(source, banks, requests, act=None, config=ONE_AT_A_TIME):
         moe = _moe(source, banks, transport)
         batcher = ForwardBatcher(moe, config)
         try:
-            first = asyncio.ensure_future(batcher.forward(LAYER, _hidden(2, 99)))
+            first = asyncio.ensure_future(batcher.forward(LAYER, LayerRequest(_hidden(2, 99))))
             await asyncio.sleep(0.01)  # the first batch is dispatched and waits at the gate
             tasks = [
-                asyncio.ensure_future(batcher.forward(LAYER, h, p, timeout=t))
+                asyncio.ensure_future(batcher.forward(LAYER, LayerRequest(h, p), timeout=t))
                 for h, p, t in ((*r, None) if len(r) == 2 else r for r in requests)
             ]
             await asyncio.sleep(0.01)
@@ -138,7 +138,7 @@ def test_a_bad_policy_is_refused_before_queueing(source, banks):
         transport = InProcessTransport(banks)
         batcher = ForwardBatcher(_moe(source, banks, transport))
         with pytest.raises(InvalidRouting, match="routing.top_k"):
-            await batcher.forward(LAYER, _hidden(2, 0), RoutingPolicy(top_k=99))
+            await batcher.forward(LAYER, LayerRequest(_hidden(2, 0), RoutingPolicy(top_k=99)))
         assert not any(batcher._waiting.values())
         await transport.close()
 
