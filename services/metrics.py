@@ -74,57 +74,51 @@ class Metrics:
         assert balance_window >= 1, balance_window
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.rpc_requests = Counter(
+        counter, gauge, histogram = (
+            functools.partial(kind, registry=r) for kind in (Counter, Gauge, Histogram)
+        )
+        self.rpc_requests = counter(
             "moemesh_rpc_requests",
             "RPCs handled by this process's servers, by final gRPC status code",
             ["service", "method", "code"],
-            registry=r,
         )
-        self.rpc_duration = Histogram(
+        self.rpc_duration = histogram(
             "moemesh_rpc_duration_seconds",
             "Server-side duration of an RPC, from the decoded request to the reply",
             ["service", "method"],
             buckets=RPC_SECONDS_BUCKETS,
-            registry=r,
         )
-        self.forward_tokens = Counter(
-            "moemesh_forward_tokens", "Tokens gated by the router's forwards", ["layer"], registry=r
+        self.forward_tokens = counter(
+            "moemesh_forward_tokens", "Tokens gated by the router's forwards", ["layer"]
         )
-        self.tokens_routed = Counter(
+        self.tokens_routed = counter(
             "moemesh_tokens_routed",
             "Rows the router sent to each expert (a token counts once per expert it is routed to)",
             ["layer", "expert"],
-            registry=r,
         )
-        self.load_balance_ratio = Gauge(
+        self.load_balance_ratio = gauge(
             "moemesh_load_balance_ratio",
             f"Max over mean tokens per expert of a layer, summed over its last {balance_window} "
             "forwards (1 = perfectly even; the number of experts = all on one expert)",
             ["layer"],
-            registry=r,
         )
-        self.compute_batch_rows = Histogram(
+        self.compute_batch_rows = histogram(
             "moemesh_compute_batch_rows",
             "Rows per expert-host compute round (concurrent Compute calls merged into one)",
             buckets=ROWS_BUCKETS,
-            registry=r,
         )
-        self.queue_depth = Gauge(
-            "moemesh_queue_depth",
-            "Compute calls on this host waiting for or running in a compute round",
-            registry=r,
+        self.queue_depth = gauge(
+            "moemesh_queue_depth", "Compute calls on this host waiting for or running in a compute round"
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = histogram(
             "moemesh_queue_wait_seconds",
             "Time from a decoded Compute request until its compute round starts",
             buckets=QUEUE_SECONDS_BUCKETS,
-            registry=r,
         )
-        self.wire_bytes = Counter(
+        self.wire_bytes = counter(
             "moemesh_wire_bytes",
             "Serialized message bytes of this process's moemesh RPCs: requests received, replies sent",
             ["direction"],
-            registry=r,
         )
         self.device_memory = _DeviceMemoryCollector()
         r.register(self.device_memory)
