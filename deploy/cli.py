@@ -423,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--hosts", type=int, default=2, help="expert hosts of every distributed system (default: 2)"
     )
     p.add_argument(
-        "--device", default="cpu", help="expert device of the mesh and the single process (default: cpu)"
+        "--device",
+        default="cpu",
+        help="device of single and mesh-processes; Ray systems need cpu (default: cpu)",
     )
     p.add_argument("--json", default=None, help="write every figure to this JSON file")
     p.add_argument("--png", default=None, help="draw tokens/s against clients per T into this PNG file")

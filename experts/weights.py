@@ -162,7 +162,13 @@ def _check_expert(spec: ModelSpec, layer: int, expert: int) -> None:
 # Presets
 # --------------------------------------------------------------------------------------------
 
-PRESETS: tuple[str, ...] = ("tiny-mixtral", "medium-mixtral", "tiny-deepseek-v3", "tiny-qwen2-moe")
+PRESETS: tuple[str, ...] = (
+    "tiny-mixtral",
+    "medium-mixtral",
+    "bench-mixtral",
+    "tiny-deepseek-v3",
+    "tiny-qwen2-moe",
+)
 
 # transformers-style config.json dicts; complete enough to build the matching transformers model
 # (e.g. `MixtralConfig(**preset_config("tiny-mixtral"))`).
@@ -191,6 +197,20 @@ _PRESET_CONFIGS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 4,
         "hidden_act": "silu",
         "num_local_experts": 16,
+        "num_experts_per_tok": 2,
+    },
+    # One MoE layer at the size `moemesh bench` measures (issue 8): Mixtral layout, 8 experts, top-2.
+    "bench-mixtral": {
+        "model_type": "mixtral",
+        "architectures": ["MixtralForCausalLM"],
+        "vocab_size": 1024,
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "hidden_act": "silu",
+        "num_local_experts": 8,
         "num_experts_per_tok": 2,
     },
     "tiny-deepseek-v3": {

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from moemesh.deploy.bench import BenchConfig, _plan, config_from_args
+from moemesh.deploy.bench import BenchConfig, cell_order, check, config_from_args
+from moemesh.deploy.bench_baselines import SyncSystem
 from moemesh.deploy.bench_report import Cell, Overload, cells_json, ratios, summarize, table
 from moemesh.deploy.cli import build_parser
 
@@ -92,7 +94,7 @@ def test_overload_goodput_ratio():
 def test_config_single_first_and_always_measured_at_one_client():
     cfg = BenchConfig(tokens=(4, 8), clients=(2, 4), systems=("naive-ray", "mesh-processes"))
     assert cfg.systems == ("single", "mesh-processes", "naive-ray")
-    plan = _plan(cfg, cfg.systems)
+    plan = cell_order(cfg, cfg.systems)
     assert plan[:3] == [(4, 1, "single"), (4, 2, "mesh-processes"), (4, 2, "naive-ray")]
     assert len(plan) == 2 * (1 + 2 * 2)
     with pytest.raises(ValueError, match="unknown"):
@@ -108,3 +110,23 @@ def test_printed_command_repeats_the_run(overload):
     assert again == cfg
     if overload:
         assert (cfg.model, cfg.tokens, cfg.clients) == ("medium-mixtral", (16,), (1,))
+
+
+class _Offset(SyncSystem):
+    """A made-up system that adds `delta` to the right answer (the identity here)."""
+
+    name, describe = "offset", "identity + delta"
+
+    def __init__(self, delta: float):
+        self.delta = delta
+
+    def forward(self, hidden):
+        return hidden + self.delta
+
+
+def test_check_refuses_a_system_beyond_float32_tolerance():
+    x = torch.randn(8, 4)
+    assert check(_Offset(0.0), x, x)["ok"]
+    assert check(_Offset(5e-5), x, x)["ok"]
+    wrong = check(_Offset(1e-3), x, x)
+    assert not wrong["ok"] and wrong["max_abs_diff"] == pytest.approx(1e-3, rel=1e-2)
