@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import grpc
 
+from moemesh.protos.wire import RETRY_PUSHBACK_KEY
+
 
 class MoeMeshError(Exception):
     """Any failed call to the mesh."""
@@ -20,7 +22,10 @@ class InvalidArgumentError(MoeMeshError):
 
 
 class ResourceExhaustedError(MoeMeshError):
-    """Too large or the mesh is overloaded."""
+    """Too large or the mesh is overloaded. `retry_after_s`: when the server expects capacity back
+    (its `grpc-retry-pushback-ms` hint), or None when retrying the same request will not help."""
+
+    retry_after_s: float | None = None
 
 
 class UnavailableError(MoeMeshError):
@@ -42,4 +47,10 @@ _BY_CODE = {
 def from_rpc_error(err: grpc.RpcError) -> MoeMeshError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    return _BY_CODE.get(code, MoeMeshError)(code, details or "")
+    typed = _BY_CODE.get(code, MoeMeshError)(code, details or "")
+    if isinstance(typed, ResourceExhaustedError):
+        trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+        for key, value in trailing or ():
+            if key == RETRY_PUSHBACK_KEY and str(value).isdigit():
+                typed.retry_after_s = int(value) / 1000
+    return typed

@@ -35,6 +35,10 @@ from .spec import (
     dtype_info,
 )
 
+# Trailing metadata that tells a refused caller (RESOURCE_EXHAUSTED) when capacity is likely back,
+# in milliseconds: gRPC's own retry pushback key (gRFC A6), which clients with a retry policy honour.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
 # Largest message either end sends or accepts unless configured otherwise (both ends set it).
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 

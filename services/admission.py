@@ -14,11 +14,15 @@ at the entry point (CLI / deploy) and carried by `ExpertHostConfig` and `RouterC
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 from moemesh.router.batching import BatchingConfig
 
 from .errors import Overloaded
+
+_FIRST_RETRY_S, _MAX_RETRY_S = 0.05, 5.0  # the retry hint before any request has left, and its cap
+_SOJOURN_WEIGHT = 0.2  # of the newest request in the smoothed stay
 
 
 def _check_positive(owner: object, may_be_zero: tuple[str, ...] = ()) -> None:
@@ -83,16 +87,17 @@ class RouterLimits:
 class Ticket:
     """One admitted request's share of an `Admission`; `release()` gives it back (idempotent)."""
 
-    __slots__ = ("_admission", "rows")
+    __slots__ = ("_admission", "rows", "admitted")
 
     def __init__(self, admission: Admission, rows: int):
         self._admission: Admission | None = admission
         self.rows = rows
+        self.admitted = time.monotonic()
 
     def release(self) -> None:
         admission, self._admission = self._admission, None
         if admission is not None:
-            admission._release(self.rows)
+            admission._release(self.rows, time.monotonic() - self.admitted)
 
     def __enter__(self) -> Ticket:
         return self
@@ -106,7 +111,7 @@ class Admission:
 
     The words of the refusal: what (who refuses, e.g. "expert host h0"), full (e.g. "queue full"),
     unit ("rows", "tokens") and state ("queued", "in flight"), as in "expert host h0: queue full
-    (4096 of 4096 rows queued, 16 more asked); retry later".
+    (4096 of 4096 rows queued, 16 more asked); retry in 40 ms" (a retry hint that also travels as grpc-retry-pushback-ms).
     """
 
     def __init__(self, what: str, full: str, unit: str, state: str, max_rows: int, max_requests: int):
@@ -114,6 +119,9 @@ class Admission:
         self.max_rows, self.max_requests = max_rows, max_requests
         self.rows = 0
         self.requests = 0
+        # How long admitted requests stay (admit to release), smoothed: a refused caller is told to
+        # come back after about that long, when the work ahead of it has likely left.
+        self.sojourn_s = _FIRST_RETRY_S
         self._lock = threading.Lock()
 
     def admit(self, rows: int) -> Ticket:
@@ -125,21 +133,25 @@ class Admission:
                 f"{self.unit} {self.state}; split it"
             )
         with self._lock:
+            retry = min(self.sojourn_s, _MAX_RETRY_S)
             if self.requests + 1 > self.max_requests:
                 raise Overloaded(
                     f"{self.what}: {self.full} ({self.requests} of {self.max_requests} requests "
-                    f"{self.state}); retry later"
+                    f"{self.state}); retry in {retry * 1000:.0f} ms",
+                    retry,
                 )
             if self.rows + rows > self.max_rows:
                 raise Overloaded(
                     f"{self.what}: {self.full} ({self.rows} of {self.max_rows} {self.unit} {self.state}, "
-                    f"{rows} more asked); retry later"
+                    f"{rows} more asked); retry in {retry * 1000:.0f} ms",
+                    retry,
                 )
             self.rows += rows
             self.requests += 1
         return Ticket(self, rows)
 
-    def _release(self, rows: int) -> None:
+    def _release(self, rows: int, sojourn_s: float) -> None:
         with self._lock:
             self.rows -= rows
             self.requests -= 1
+            self.sojourn_s += _SOJOURN_WEIGHT * (sojourn_s - self.sojourn_s)

@@ -19,7 +19,7 @@ import grpc
 
 from moemesh.experts.ffn import UnknownExpert
 from moemesh.protos.spec import InvalidRouting
-from moemesh.protos.wire import InvalidArgument
+from moemesh.protos.wire import RETRY_PUSHBACK_KEY, InvalidArgument
 from moemesh.router.dispatch import NoReplica
 from moemesh.router.pipeline import DeadlineExceeded
 
@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class Overloaded(RuntimeError):
-    """Too much work queued or a request too large to take."""
+    """Too much work queued or a request too large to take. `retry_after_s`: when capacity is
+    likely to be back (None: not worth retrying as is, e.g. a request over a per-request limit)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class HostError(RuntimeError):
@@ -76,6 +81,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 code, message = status_of(err)
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("%s failed", handler_call_details.method)
+                retry_after = getattr(err, "retry_after_s", None)
+                if retry_after is not None:
+                    context.set_trailing_metadata(
+                        ((RETRY_PUSHBACK_KEY, str(max(1, round(retry_after * 1000)))),)
+                    )
                 await context.abort(code, message)
 
         return grpc.unary_unary_rpc_method_handler(

@@ -44,13 +44,17 @@ def _rows(n: int, seed: int) -> torch.Tensor:
 def test_admission_counts_and_names_what_is_full():
     queue = Admission("expert host h0", "queue full", "rows", "queued", max_rows=10, max_requests=2)
     first = queue.admit(6)
-    with pytest.raises(Overloaded, match=r"expert host h0: queue full \(6 of 10 rows queued, 5 more asked\)"):
+    with pytest.raises(
+        Overloaded, match=r"expert host h0: queue full \(6 of 10 rows queued, 5 more asked\)"
+    ) as full:
         queue.admit(5)
+    assert full.value.retry_after_s == pytest.approx(0.05)  # nothing has left yet: the first hint
     second = queue.admit(4)
-    with pytest.raises(Overloaded, match=r"queue full \(2 of 2 requests queued\); retry later"):
+    with pytest.raises(Overloaded, match=r"queue full \(2 of 2 requests queued\); retry in 50 ms"):
         queue.admit(0)
-    with pytest.raises(Overloaded, match="a request of 11 rows exceeds the limit of 10 rows queued"):
+    with pytest.raises(Overloaded, match="a request of 11 rows exceeds the limit of 10 rows queued") as big:
         queue.admit(11)
+    assert big.value.retry_after_s is None  # the same request will never fit
     first.release()
     first.release()  # idempotent
     assert (queue.rows, queue.requests) == (4, 1)

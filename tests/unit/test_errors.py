@@ -8,6 +8,7 @@ import pytest
 
 from moemesh.client import errors as client_errors
 from moemesh.experts.ffn import UnknownExpert
+from moemesh.protos import wire
 from moemesh.protos.spec import InvalidRouting
 from moemesh.protos.wire import InvalidArgument
 from moemesh.router.dispatch import NoReplica
@@ -82,6 +83,16 @@ def test_from_rpc_error_maps_each_status_to_its_typed_error(code, kind):
     assert type(err) is kind and isinstance(err, client_errors.MoeMeshError)
     assert err.code == code and err.details == "hidden.shape: expected 2 dimensions"
     assert str(err) == f"{code.name}: hidden.shape: expected 2 dimensions"
+
+
+def test_resource_exhausted_carries_the_servers_retry_hint():
+    class Refused(_RpcError):
+        def trailing_metadata(self):
+            return ((wire.RETRY_PUSHBACK_KEY, "250"), ("other", "x"))
+
+    err = client_errors.from_rpc_error(Refused(Code.RESOURCE_EXHAUSTED, "router: at capacity"))
+    assert isinstance(err, client_errors.ResourceExhaustedError) and err.retry_after_s == 0.25
+    assert client_errors.from_rpc_error(_RpcError(Code.RESOURCE_EXHAUSTED, "too big")).retry_after_s is None
 
 
 def test_from_rpc_error_without_details_or_code():
