@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import random
 import shlex
 import sys
 import threading
@@ -159,6 +160,16 @@ def _status(err: BaseException) -> str:
     return "DEADLINE_EXCEEDED" if isinstance(err, asyncio.TimeoutError) else type(err).__name__
 
 
+BACKOFF_MULTIPLIER, MAX_BACKOFF_S = 2.0, 2.0
+
+
+def backoff(hint_s: float, refused: int, rng: random.Random) -> float:
+    """How long a client waits after its `refused`-th refusal in a row: the server's hint, doubled
+    for every further refusal (capped), with ±50% jitter so that clients do not come back together
+    (gRFC A6: exponential backoff with jitter, the server's pushback as the base)."""
+    return min(hint_s * BACKOFF_MULTIPLIER ** (refused - 1), MAX_BACKOFF_S) * rng.uniform(0.5, 1.5)
+
+
 def measure_sync(
     forward: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, clients: int, seconds: float
 ) -> Window:
@@ -205,7 +216,8 @@ async def measure_async(
     warmup: bool = True,
 ) -> Window:
     """`clients` asyncio tasks, each awaiting calls back to back for `seconds` (after one warm-up call
-    each, all at once). `timeout`: every call's deadline."""
+    each, all at once); after a refusal with a retry hint (RESOURCE_EXHAUSTED) a client backs off
+    first (`backoff`), as gRPC clients with a retry policy do. `timeout`: every call's deadline."""
     window = Window()
     async with system.session() as call:
         if warmup:
@@ -214,17 +226,25 @@ async def measure_async(
         t0 = time.perf_counter()
         end = t0 + seconds
 
-        async def client() -> None:
+        async def client(seed: int) -> None:
+            jitter, refused = random.Random(seed), 0
             while time.perf_counter() < end:
                 t = time.perf_counter()
+                pause = 0.0
                 try:
                     await call(hidden, timeout)
-                    status = report.OK
+                    status, refused = report.OK, 0
                 except Exception as err:
                     status = _status(err)
+                    hint = getattr(err, "retry_after_s", None)
+                    if hint is not None:  # refused for now: back off as gRPC's retry policy does
+                        refused += 1
+                        pause = backoff(hint, refused, jitter)
                 window.outcomes.append((status, time.perf_counter() - t))
+                if pause:
+                    await asyncio.sleep(min(pause, max(0.0, end - time.perf_counter())))
 
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(i) for i in range(clients)))
         window.seconds = time.perf_counter() - t0
     return window
 

@@ -47,7 +47,7 @@ class DType:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.torch).element_size()
+        return self.torch.itemsize
 
 
 DTYPES: tuple[DType, ...] = (

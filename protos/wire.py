@@ -65,8 +65,8 @@ def _code_name(code: int) -> str:
 # -- tensors -----------------------------------------------------------------------------------------
 
 
-def encode_tensor(t: torch.Tensor) -> pb.Tensor:
-    """Any supported tensor (any device) -> pb.Tensor."""
+def _raw(t: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(wire dtype code, the tensor on the CPU, its bytes [numel * itemsize] uint8, little-endian)."""
     try:
         code = dtype_info(t.dtype).wire
     except ValueError as err:
@@ -74,8 +74,34 @@ def encode_tensor(t: torch.Tensor) -> pb.Tensor:
     t = t.detach().to("cpu").contiguous()
     raw = t.reshape(-1).view(torch.uint8)  # flat first: a size-1 dim may carry any stride
     if _BIG_ENDIAN:  # pragma: no cover - every supported platform is little-endian today
-        raw = raw.view(-1, t.element_size()).flip(1)
+        raw = raw.view(-1, t.element_size()).flip(1).reshape(-1)
+    return code, t, raw
+
+
+def encode_tensor(t: torch.Tensor) -> pb.Tensor:
+    """Any supported tensor (any device) -> pb.Tensor."""
+    code, t, raw = _raw(t)
     return pb.Tensor(dtype=code, shape=list(t.shape), data=raw.numpy().tobytes())
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _tensor_field(number: int, t: torch.Tensor) -> list:
+    """The serialized field `number` holding pb.Tensor `t`, as pieces to join: the same bytes as
+    protobuf writes, without copying the tensor's data on the way (proto3 omits empty data)."""
+    code, t, raw = _raw(t)
+    head = pb.Tensor(dtype=code, shape=list(t.shape)).SerializeToString()  # fields 1, 2
+    data = memoryview(raw.numpy())
+    data_key = _varint(3 << 3 | 2) + _varint(data.nbytes) if data.nbytes else b""  # field 3, bytes
+    size = len(head) + len(data_key) + data.nbytes
+    return [_varint(number << 3 | 2), _varint(size), head, data_key, data]
 
 
 def decode_tensor(
@@ -202,6 +228,13 @@ def decode_segments(msgs: Sequence[pb.Segment], num_rows: int) -> list[Segment]:
 
 def encode_compute(segments: Sequence[Segment], rows: torch.Tensor) -> pb.ComputeRequest:
     return pb.ComputeRequest(segments=encode_segments(segments), rows=encode_tensor(rows))
+
+
+def compute_request_bytes(segments: Sequence[Segment], rows: torch.Tensor) -> bytes:
+    """`encode_compute(segments, rows).SerializeToString()` with one copy of the rows instead of
+    three (the router sends every routed row to a host this way)."""
+    head = pb.ComputeRequest(segments=encode_segments(segments)).SerializeToString()  # field 1
+    return b"".join([head, *_tensor_field(2, rows)])
 
 
 def decode_compute(msg: pb.ComputeRequest) -> tuple[list[Segment], torch.Tensor]:

@@ -35,7 +35,7 @@ class BatchingConfig:
     (0 = never)."""
 
     max_batch_tokens: int = 8192
-    max_inflight: int = 2
+    max_inflight: int = 1
     window_s: float = 0.0
 
     def __post_init__(self) -> None:

@@ -233,14 +233,15 @@ class SparseMoE:
         def prepare():
             with observe("gate", facts):
                 routed = []  # (index, routing) of the requests that passed their checks
-                for i, r in enumerate(requests):
-                    try:
-                        check_finite(r.hidden)
-                        routed.append((i, self.gate(layer, r.hidden, r.policy)))
-                    except (InvalidArgument, InvalidRouting) as err:
-                        outcome[i] = err
+                for group in _by_policy(requests):  # one gate call per distinct policy
+                    for i, routing in self._gate_group(layer, [requests[i] for i in group], group):
+                        if isinstance(routing, Exception):
+                            outcome[i] = routing
+                        else:
+                            routed.append((i, routing))
                 if not routed:
                     return None
+                routed.sort(key=lambda pair: pair[0])
                 merged = facts.routing = merge_routings([routing for _, routing in routed])
             with observe("plan", facts):
                 hidden = (
@@ -305,6 +306,21 @@ class SparseMoE:
             await self.run(finish)
         return outcome
 
+    def _gate_group(self, layer: int, group: Sequence[LayerRequest], index: Sequence[int]):
+        """(index, Routing or its own error) of requests sharing one policy: checked and gated
+        together; when the batch has a NaN or Inf, each request alone, so only its owner fails."""
+        hidden = torch.cat([r.hidden for r in group]) if len(group) > 1 else group[0].hidden
+        try:
+            check_finite(hidden)
+            routing = self.gate(layer, hidden, group[0].policy)
+        except (InvalidArgument, InvalidRouting) as err:
+            if len(group) == 1:
+                return [(index[0], err)]
+            return [pair for i, r in zip(index, group) for pair in self._gate_group(layer, [r], [i])]
+        sizes = [int(r.hidden.shape[0]) for r in group]
+        parts = zip(routing.experts.split(sizes), routing.weights.split(sizes), strict=True)
+        return [(i, _trimmed(Routing(e, w))) for i, (e, w) in zip(index, parts)]
+
     async def _dispatch(
         self,
         batch: HostBatch,
@@ -364,6 +380,24 @@ def check_finite(hidden: torch.Tensor) -> None:
     if not bool(torch.isfinite(hidden).all()):
         bad = int((~torch.isfinite(hidden)).any(dim=1).nonzero()[0])
         raise InvalidArgument("hidden.data", f"expected finite values; token {bad} has NaN or Inf")
+
+
+def _by_policy(requests: Sequence[LayerRequest]) -> list[list[int]]:
+    """Indices of `requests` grouped by routing policy, in order of first appearance."""
+    groups: dict[RoutingPolicy | None, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.policy, []).append(i)
+    return list(groups.values())
+
+
+def _trimmed(routing: Routing) -> Routing:
+    """A request's part of a group's routing without the slots only its neighbours use (dynamic
+    modes pad every token to the batch's largest count): what it would get alone."""
+    used = int((routing.experts >= 0).sum(dim=1).max()) if routing.experts.numel() else 1
+    k = max(1, used)
+    if k == routing.experts.shape[1]:
+        return routing
+    return Routing(routing.experts[:, :k].contiguous(), routing.weights[:, :k].contiguous())
 
 
 def merge_routings(routings: Sequence[Routing]) -> Routing:

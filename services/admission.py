@@ -74,7 +74,7 @@ class RouterLimits:
     max_inflight_tokens: int = 8192
     max_inflight_requests: int = 256
     max_batch_tokens: int = 8192
-    max_batches_in_flight: int = 2
+    max_batches_in_flight: int = 1
     batch_window_us: int = 0
 
     def __post_init__(self) -> None:

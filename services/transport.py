@@ -84,7 +84,7 @@ class GrpcTransport:
 
     @staticmethod
     def _encode(segments: Sequence[Segment], rows: torch.Tensor) -> bytes:
-        return wire.encode_compute(segments, rows).SerializeToString()
+        return wire.compute_request_bytes(segments, rows)
 
     @staticmethod
     def _decode(data: bytes, host: str, shape: torch.Size) -> torch.Tensor:

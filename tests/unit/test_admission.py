@@ -123,7 +123,7 @@ def test_full_router_is_overloaded_at_once_then_serves_exactly(bank):
             ):
                 await forward(7, 1)
             b = asyncio.ensure_future(forward(6, 2))
-            await _until(lambda: transport.waiting == 2, "the second forward reached the host")
+            await _until(lambda: router.in_flight.requests == 2, "the second forward was admitted")
             with pytest.raises(Overloaded, match=r"router: at capacity \(2 of 2 requests in flight\)"):
                 await forward(1, 3)
             with pytest.raises(

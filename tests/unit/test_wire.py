@@ -286,3 +286,17 @@ def test_topology_round_trip():
     msg = pb.GetTopologyResponse.FromString(wire.encode_topology(topology).SerializeToString())
     assert wire.decode_topology(msg) == topology
     assert wire.decode_topology(pb.GetTopologyResponse()) == spec.Topology("", (), ())
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((5, 7), torch.float32), ((0, 3), torch.float32), ((300, 64), torch.bfloat16), ((1, 1), torch.float16)],
+)
+def test_compute_request_bytes_are_protobufs_own(shape, dtype):
+    rows = torch.randn(*shape).to(dtype)
+    segments = [Segment(0, 1, 0, 1), Segment(1, 6, 1, max(0, shape[0] - 1))]
+    fast = wire.compute_request_bytes(segments, rows)
+    assert fast == wire.encode_compute(segments, rows).SerializeToString()
+    back_segments = pb.ComputeRequest.FromString(fast).segments
+    back_rows = wire.decode_tensor(pb.ComputeRequest.FromString(fast).rows, "rows", rank=2)
+    assert len(back_segments) == 2 and torch.equal(back_rows, rows)
