@@ -163,6 +163,11 @@ def _status(err: BaseException) -> str:
 BACKOFF_MULTIPLIER, MAX_BACKOFF_S = 2.0, 2.0
 
 
+def json_head(cfg: BenchConfig, info: dict) -> dict:
+    """What every JSON report starts with: the machine, the command that repeats the run, the model."""
+    return {"machine": info, "command": cfg.command(), "model": cfg.model, "hosts": cfg.hosts}
+
+
 def backoff(hint_s: float, refused: int, rng: random.Random) -> float:
     """How long a client waits after its `refused`-th refusal in a row: the server's hint, doubled
     for every further refusal (capped), with ±50% jitter so that clients do not come back together
@@ -358,10 +363,7 @@ def run_bench(cfg: BenchConfig, out=sys.stdout) -> int:
         report.write_json(
             cfg.json_path,
             {
-                "machine": info,
-                "command": cfg.command(),
-                "model": cfg.model,
-                "hosts": cfg.hosts,
+                **json_head(cfg, info),
                 "tolerance": TOLERANCE,
                 "systems": {
                     n: {"describe": describe.get(n, ""), "check": checks.get(n)} for n in cfg.systems

@@ -13,7 +13,7 @@ import asyncio
 import torch
 
 from . import bench_report as report
-from .bench import CHECK_TOKENS, BenchConfig, Progress, check, measure_async
+from .bench import CHECK_TOKENS, BenchConfig, Progress, check, json_head, measure_async
 
 
 def _rss_mb(pid: int, field_name: str) -> float:
@@ -80,10 +80,7 @@ def run_overload(cfg: BenchConfig, layer: int, hidden_size: int, info: dict, out
         report.write_json(
             cfg.json_path,
             {
-                "machine": info,
-                "command": cfg.command(),
-                "model": cfg.model,
-                "hosts": cfg.hosts,
+                **json_head(cfg, info),
                 "check": verdict,
                 "overload": report.overload_json(result),
             },

@@ -4,6 +4,7 @@ them (deploy/cli.py builds the parser)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from moemesh.experts.weights import PRESETS
 from moemesh.protos.spec import FLOAT_DTYPES
@@ -69,29 +70,13 @@ def metrics_arg(p: argparse.ArgumentParser, what: str = "") -> None:
 
 def limit_args(p: argparse.ArgumentParser, host: bool, router: bool) -> None:
     """Admission limits: beyond them a call gets RESOURCE_EXHAUSTED at once (README: memory bound)."""
-    flags = []
-    if host:
-        h = HostLimits()
-        flags += [
-            ("max_queue_rows", h, "expert host: rows queued or computing"),
-            ("max_queue_requests", h, "expert host: Compute calls queued or computing"),
-            ("max_request_rows", h, "expert host: rows in one Compute request"),
-            ("max_segments", h, "expert host: segments in one Compute request"),
-            ("max_batch_rows", h, "expert host: rows merged into one compute round"),
-        ]
-    if router:
-        r = RouterLimits()
-        flags += [
-            ("max_inflight_tokens", r, "router: tokens of the Forward/Route calls in flight"),
-            ("max_inflight_requests", r, "router: Forward/Route calls in flight"),
-            ("max_batch_tokens", r, "router: tokens of concurrent Forward calls merged into one"),
-            ("max_batches_in_flight", r, "router: merged forwards of one layer running at once"),
-            ("batch_window_us", r, "router: how long a Forward that could start waits for others, µs"),
-        ]
-    for name, defaults, what in flags:
-        default = getattr(defaults, name)
+    kinds = [HostLimits] * host + [RouterLimits] * router
+    for limit in (f for kind in kinds for f in dataclasses.fields(kind)):
         p.add_argument(
-            "--" + name.replace("_", "-"), type=int, default=default, help=f"{what} (default: {default})"
+            "--" + limit.name.replace("_", "-"),
+            type=int,
+            default=limit.default,
+            help=f"{limit.metadata['help']} (default: {limit.default})",
         )
     default_rpcs = ServerConfig.max_concurrent_rpcs or 0
     p.add_argument(

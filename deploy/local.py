@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,22 +100,42 @@ class LoopThread:
         self._thread.join(timeout=10)
 
 
-class EmbeddedMesh:
+def _quiet(message: str) -> None:
+    """The default progress callback: say nothing."""
+
+
+class _LocalMesh:
+    """What both local meshes share: their config, a progress callback, use as a context manager."""
+
+    detached = False  # the mesh lives as long as this object
+
+    def __init__(self, config: MeshConfig, on_event: Callable[[str], None]):
+        self.config = config
+        self.on_event = on_event
+
+    def start(self):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class EmbeddedMesh(_LocalMesh):
     """Expert hosts + router in this process. Use as a context manager or call start()/close()."""
 
-    detached = False
-
     def __init__(
-        self,
-        config: MeshConfig,
-        telemetry: Telemetry | None = None,
-        on_event: Callable[[str], None] = lambda msg: None,
+        self, config: MeshConfig, telemetry: Telemetry | None = None, on_event: Callable[[str], None] = _quiet
     ):
         """telemetry: where every server of the mesh reports spans and metrics (default: the
         global tracer provider, no metrics)."""
-        self.config = config
+        super().__init__(config, on_event)
         self.telemetry = telemetry
-        self.on_event = on_event
         self.hosts: list[ExpertHost] = []
         self.router: RouterHost | None = None
         self._loop: LoopThread | None = None
@@ -167,12 +187,6 @@ class EmbeddedMesh:
         finally:
             self._loop.stop()
 
-    def __enter__(self) -> EmbeddedMesh:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def host_configs(config: MeshConfig) -> list[ExpertHostConfig]:
     """One expert host per placement entry, each on port 0 of `config.host`."""
@@ -214,23 +228,15 @@ class _Child:
     info: dict = field(default_factory=dict)
 
 
-class ProcessMesh:
-    """One process per expert host plus a router process, all on this machine."""
-
-    detached = False
+class ProcessMesh(_LocalMesh):
+    """One process per expert host plus a router process, all on this machine. The children get
+    this process's environment plus `config.env` (e.g. OTEL_EXPORTER_OTLP_ENDPOINT)."""
 
     def __init__(
-        self,
-        config: MeshConfig,
-        log_dir: Path | None = None,
-        on_event: Callable[[str], None] = lambda msg: None,
-        env: Mapping[str, str] | None = None,
+        self, config: MeshConfig, on_event: Callable[[str], None] = _quiet, log_dir: Path | None = None
     ):
-        """env: more environment variables for the children (e.g. OTEL_EXPORTER_OTLP_ENDPOINT),
-        on top of this process's own and `config.env`."""
-        self.config = config
-        self.on_event = on_event
-        self.env = {**config.env, **(env or {})}
+        super().__init__(config, on_event)
+        self.env = dict(config.env)
         self._tmp = tempfile.TemporaryDirectory(prefix="moemesh-")
         self.log_dir = Path(log_dir) if log_dir else Path(self._tmp.name)
         self.children: list[_Child] = []
@@ -317,12 +323,6 @@ class ProcessMesh:
         self.children.clear()
         self.router = None
         self._tmp.cleanup()
-
-    def __enter__(self) -> ProcessMesh:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 _SPEC = TypeAdapter(ProcessSpec)

@@ -261,13 +261,7 @@ class ModelSpec:
 
     def layer(self, index: int) -> MoELayerSpec:
         """The sparse block of decoder layer `index`; KeyError if that layer is dense or absent."""
-        for spec in self.layers:
-            if spec.layer == index:
-                return spec
-        raise KeyError(
-            f"layer {index} of model {self.name!r} is not a MoE layer; "
-            f"MoE layers are {list(self.layer_indices)}"
-        )
+        return _layer(self.layers, index, self.name)
 
     @property
     def layer_indices(self) -> tuple[int, ...]:
@@ -277,6 +271,16 @@ class ModelSpec:
     def expert_keys(self) -> list[ExpertKey]:
         """Every (layer, expert) of the model, in order."""
         return [(ls.layer, e) for ls in self.layers for e in range(ls.num_experts)]
+
+
+def _layer(layers, index: int, model: str):
+    """The entry of `layers` (each with a `.layer` index) for decoder layer `index`, else KeyError."""
+    for entry in layers:
+        if entry.layer == index:
+            return entry
+    raise KeyError(
+        f"layer {index} of model {model!r} is not a MoE layer; MoE layers are {[x.layer for x in layers]}"
+    )
 
 
 # -- what a router serves ----------------------------------------------------------------------------
@@ -333,12 +337,8 @@ class Topology:
     hosts: tuple[HostInfo, ...]
 
     def layer(self, index: int) -> LayerInfo:
-        for ls in self.layers:
-            if ls.layer == index:
-                return ls
-        raise KeyError(
-            f"layer {index} is not an MoE layer of {self.model}; MoE layers: {[x.layer for x in self.layers]}"
-        )
+        """The MoE layer `index`; KeyError if the router serves no such layer."""
+        return _layer(self.layers, index, self.model)
 
 
 # -- expert sets as text -----------------------------------------------------------------------------

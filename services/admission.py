@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moemesh.router.batching import BatchingConfig
 
@@ -32,23 +32,23 @@ def _check_positive(owner: object, may_be_zero: tuple[str, ...] = ()) -> None:
             raise ValueError(f"{type(owner).__name__}.{name} must be an integer >= {least}, got {value!r}")
 
 
+def _limit(default: int, meaning: str):
+    """A limit field; `meaning` is also the help of its CLI flag (--max-queue-rows, ...)."""
+    return field(default=default, metadata={"help": meaning})
+
+
 @dataclass(frozen=True)
 class HostLimits:
     """What one expert host admits (`moemesh serve-expert`, `moemesh up`). A row is one token's
-    hidden vector sent to one expert.
+    hidden vector sent to one expert; rows and segments are read from the message before decoding."""
 
-    max_queue_rows: rows of the Compute calls admitted and not yet answered (waiting or computing).
-    max_queue_requests: Compute calls admitted and not yet answered.
-    max_request_rows: rows of one Compute request, read from its shape before decoding.
-    max_segments: segments of one Compute request, read from the message before decoding.
-    max_batch_rows: rows merged into one compute round; a larger single request runs alone.
-    """
-
-    max_queue_rows: int = 32768
-    max_queue_requests: int = 256
-    max_request_rows: int = 32768
-    max_segments: int = 4096
-    max_batch_rows: int = 8192
+    max_queue_rows: int = _limit(32768, "expert host: rows of the Compute calls queued or computing")
+    max_queue_requests: int = _limit(256, "expert host: Compute calls queued or computing")
+    max_request_rows: int = _limit(32768, "expert host: rows in one Compute request")
+    max_segments: int = _limit(4096, "expert host: segments in one Compute request")
+    max_batch_rows: int = _limit(
+        8192, "expert host: rows merged into one compute round (a larger call runs alone)"
+    )
 
     def __post_init__(self) -> None:
         _check_positive(self)
@@ -62,20 +62,16 @@ class HostLimits:
 @dataclass(frozen=True)
 class RouterLimits:
     """What one router admits (`moemesh serve-router`, `moemesh up`): Forward and Route calls in
-    flight, from the request's arrival to its reply.
+    flight, from the request's arrival to its reply; and how it merges the Forward calls of a layer
+    (continuous batching, router/batching.py)."""
 
-    max_inflight_tokens: tokens (rows of `hidden`) of the calls in flight; also the most one call may bring.
-    max_inflight_requests: calls in flight.
-    Continuous batching (router/batching.py) of the Forward calls of one layer:
-    max_batch_tokens: tokens merged into one forward; max_batches_in_flight: merged forwards of a
-    layer running at once; batch_window_us: how long a call that could start waits for others.
-    """
-
-    max_inflight_tokens: int = 8192
-    max_inflight_requests: int = 256
-    max_batch_tokens: int = 8192
-    max_batches_in_flight: int = 1
-    batch_window_us: int = 0
+    max_inflight_tokens: int = _limit(
+        8192, "router: tokens of the calls in flight (also the most one call may bring)"
+    )
+    max_inflight_requests: int = _limit(256, "router: Forward/Route calls in flight")
+    max_batch_tokens: int = _limit(8192, "router: tokens of concurrent Forward calls merged into one")
+    max_batches_in_flight: int = _limit(1, "router: merged forwards of one layer running at once")
+    batch_window_us: int = _limit(0, "router: how long a Forward that could start waits for others, µs")
 
     def __post_init__(self) -> None:
         _check_positive(self, may_be_zero=("batch_window_us",))

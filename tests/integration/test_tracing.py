@@ -255,7 +255,7 @@ def test_trace_across_processes_and_moemesh_trace_show(tmp_path):
         }
         try:
             with (
-                ProcessMesh(MeshConfig(MODEL, num_hosts=2, device="cpu"), env=env) as mesh,
+                ProcessMesh(MeshConfig(MODEL, num_hosts=2, device="cpu", env=env)) as mesh,
                 Client(mesh.address, tracer_provider=provider) as client,
             ):
                 _, routing = client.forward(torch.randn(32, H), layer=0, return_routing=True)
