@@ -284,25 +284,23 @@ def check(system, hidden: torch.Tensor, expected: torch.Tensor) -> dict:
 # -- the run -------------------------------------------------------------------------------------
 
 
-def _start_all(cfg: BenchConfig, layer: int, systems: dict, say: Callable[[str], None]) -> None:
-    """Start every selected system into `systems` (filled as they come up, so that a failure
-    leaves the started ones to be closed); one that fails to start is reported and left out."""
-    for name in cfg.systems:
-        say(f"starting {name}")
-        try:
-            systems[name] = start_system(name, cfg.model, layer, cfg.hosts, max(cfg.clients), cfg.device)
-        except Exception as err:
-            if name == "single":
-                raise
-            print(f"{name}: failed to start ({type(err).__name__}: {err}); left out", file=sys.stderr)
+def _start(cfg: BenchConfig, name: str, layer: int, say: Callable[[str], None]):
+    """System `name`, started; None (reported) when a baseline fails to start."""
+    say(f"starting {name}")
+    try:
+        return start_system(name, cfg.model, layer, cfg.hosts, max(cfg.clients), cfg.device)
+    except Exception as err:
+        if name == "single":
+            raise
+        print(f"{name}: failed to start ({type(err).__name__}: {err}); left out", file=sys.stderr)
+        return None
 
 
-def _close_all(systems: dict) -> None:
-    for name, system in systems.items():
-        try:
-            system.close()
-        except Exception as err:
-            print(f"{name}: failed to stop cleanly ({type(err).__name__}: {err})", file=sys.stderr)
+def _close(name: str, system) -> None:
+    try:
+        system.close()
+    except Exception as err:
+        print(f"{name}: failed to stop cleanly ({type(err).__name__}: {err})", file=sys.stderr)
 
 
 def run_bench(cfg: BenchConfig, out=sys.stdout) -> int:
@@ -329,27 +327,38 @@ def run_bench(cfg: BenchConfig, out=sys.stdout) -> int:
         from .bench_overload import run_overload
 
         return run_overload(cfg, layer, hidden_size, info, out)
-    uses_ray = any(s in RAY_SYSTEMS for s in cfg.systems)
     progress = Progress(len(cfg.systems) + len(cell_order(cfg, cfg.systems)))
-    systems: dict[str, object] = {}
     checks: dict[str, dict] = {}
+    describe: dict[str, str] = {}
+    cells: list[report.Cell] = []
+    probe = torch.randn(CHECK_TOKENS, hidden_size, generator=torch.Generator().manual_seed(cfg.seed))
+    hidden = {t: torch.randn(t, hidden_size) for t in cfg.tokens}
+    expected = None
+    ray_up = False
     try:
-        if uses_ray:
-            progress.show("starting a local Ray")
-            start_ray(cfg.hosts)
-        _start_all(cfg, layer, systems, progress.show)
-        probe = torch.randn(CHECK_TOKENS, hidden_size, generator=torch.Generator().manual_seed(cfg.seed))
-        expected = one_call(systems["single"], probe).to(torch.float32)
-        for name, system in systems.items():
-            checks[name] = check(system, probe, expected)
-            progress.step(f"checked {name}")
-        correct = {n: s for n, s in systems.items() if checks[n]["ok"]}
-        progress.total = progress.done + len(cell_order(cfg, list(correct)))
-        cells = _grid(cfg, correct, hidden_size, progress)
+        # One system at a time, alone on the machine (nothing of another system idles beside it),
+        # `single` first: its output is what every other system is checked against.
+        for name in cfg.systems:
+            if name in RAY_SYSTEMS and not ray_up:
+                progress.show("starting a local Ray")
+                start_ray(cfg.hosts)
+                ray_up = True
+            system = _start(cfg, name, layer, progress.show)
+            if system is None:
+                continue
+            try:
+                describe[name] = getattr(system, "describe", "")
+                if expected is None:
+                    expected = one_call(system, probe).to(torch.float32)
+                checks[name] = check(system, probe, expected)
+                progress.step(f"checked {name}")
+                if checks[name]["ok"]:
+                    cells += _cells(cfg, name, system, hidden, progress)
+            finally:
+                _close(name, system)
     finally:
         progress.close()
-        _close_all(systems)
-        if uses_ray:
+        if ray_up:
             stop_ray()
 
     for name in cfg.systems:
@@ -359,7 +368,6 @@ def run_bench(cfg: BenchConfig, out=sys.stdout) -> int:
         print(f"  {name:15s} {verdict:20s} {detail} {c.get('error', '')}".rstrip(), file=out)
     print("\n" + report.table(cells), file=out, flush=True)
     if cfg.json_path:
-        describe = {n: getattr(s, "describe", "") for n, s in systems.items()}
         report.write_json(
             cfg.json_path,
             {
@@ -377,22 +385,21 @@ def run_bench(cfg: BenchConfig, out=sys.stdout) -> int:
 
 
 def cell_order(cfg: BenchConfig, systems: Sequence[str]) -> list[tuple[int, int, str]]:
-    """(T, C, system) in the order measured: for each T, `single` once with one caller (the
-    reference of every ratio, whatever C the grid holds), then each C with the systems interleaved,
-    so that drift on a shared machine hits all of them alike."""
-    order = []
-    for t in cfg.tokens:
-        order += [(t, 1, "single")] if "single" in systems else []
-        order += [(t, c, name) for c in cfg.clients for name in systems if name != "single"]
-    return order
+    """(T, C, system) in the order measured: system by system, each alone on the machine; `single`
+    once per T with one caller (the reference of every ratio, whatever C the grid holds)."""
+    return [
+        (t, c, name)
+        for name in systems
+        for t in cfg.tokens
+        for c in ((1,) if name == "single" else cfg.clients)
+    ]
 
 
-def _grid(cfg: BenchConfig, systems: dict, hidden_size: int, progress: Progress) -> list[report.Cell]:
+def _cells(cfg: BenchConfig, name: str, system, hidden: dict, progress: Progress) -> list[report.Cell]:
     cells = []
-    hidden = {t: torch.randn(t, hidden_size) for t in cfg.tokens}
-    for t, c, name in cell_order(cfg, list(systems)):
+    for t, c, _ in cell_order(cfg, [name]):
         progress.show(f"{name} T={t} C={c}")
-        window = measure(systems[name], hidden[t], c, cfg.seconds)
+        window = measure(system, hidden[t], c, cfg.seconds)
         cells.append(report.summarize(name, t, c, window.outcomes, window.seconds))
         progress.step(f"{name} T={t} C={c}: {cells[-1].tokens_per_s:,.0f} tokens/s")
     return cells

@@ -94,8 +94,14 @@ def test_overload_goodput_ratio():
 def test_config_single_first_and_always_measured_at_one_client():
     cfg = BenchConfig(tokens=(4, 8), clients=(2, 4), systems=("naive-ray", "mesh-processes"))
     assert cfg.systems == ("single", "mesh-processes", "naive-ray")
-    plan = cell_order(cfg, cfg.systems)
-    assert plan[:3] == [(4, 1, "single"), (4, 2, "mesh-processes"), (4, 2, "naive-ray")]
+    plan = cell_order(cfg, cfg.systems)  # system by system, single once per T with one caller
+    assert plan[:4] == [
+        (4, 1, "single"),
+        (8, 1, "single"),
+        (4, 2, "mesh-processes"),
+        (4, 4, "mesh-processes"),
+    ]
+    assert plan[-1] == (8, 4, "naive-ray")
     assert len(plan) == 2 * (1 + 2 * 2)
     with pytest.raises(ValueError, match="unknown"):
         BenchConfig(systems=("mesh-grpc",))
