@@ -77,10 +77,22 @@ class AioCompleteSpan(grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(client_call_details, request)
 
 
+def tracing_on(tracer_provider=None) -> bool:
+    """Whether calls would be traced: a tracer provider is given, or one is installed globally
+    (`configure_tracing`, or the application's own). Otherwise no interceptor is installed at all:
+    the API's no-op spans would cost every call its interceptors' time for nothing."""
+    if tracer_provider is not None:
+        return True
+    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+
+
 def traced_channel(target: str, options: Sequence[tuple[str, Any]], tracer_provider=None) -> grpc.Channel:
     """A blocking channel to `target` whose calls are CLIENT spans of `tracer_provider` (None =
-    the global one)."""
-    channel = grpc.intercept_channel(grpc.insecure_channel(target, options=options), _Complete(target))
+    the global one), when tracing is on."""
+    channel = grpc.insecure_channel(target, options=options)
+    if not tracing_on(tracer_provider):
+        return channel
+    channel = grpc.intercept_channel(channel, _Complete(target))
     return intercept_channel(channel, client_interceptor(tracer_provider))
 
 
@@ -88,5 +100,14 @@ def traced_aio_channel(
     target: str, options: Sequence[tuple[str, Any]], tracer_provider=None
 ) -> grpc.aio.Channel:
     """`traced_channel` for grpc.aio."""
-    interceptors = [*aio_client_interceptors(tracer_provider), AioCompleteSpan(target)]
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(
+        target, options=options, interceptors=client_spans(target, tracer_provider)
+    )
+
+
+def client_spans(target: str, tracer_provider=None) -> list[grpc.aio.ClientInterceptor]:
+    """The grpc.aio client interceptors that make every call to `target` a CLIENT span (none when
+    tracing is off)."""
+    if not tracing_on(tracer_provider):
+        return []
+    return [*aio_client_interceptors(tracer_provider), AioCompleteSpan(target)]

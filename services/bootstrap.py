@@ -108,9 +108,10 @@ async def start_server(
     Raises OSError when the address cannot be bound.
     """
     telemetry = telemetry or Telemetry()
-    spans = ServerSpans(span_attributes)
     # Outermost first: the span, then the metrics, both seeing the status ErrorInterceptor sets.
-    observing = [telemetry.server_interceptor(), spans]
+    # With tracing off there is no span interceptor at all (its no-op spans cost every call).
+    spans = ServerSpans(span_attributes) if telemetry.tracing else None
+    observing = [telemetry.server_interceptor(), spans] if spans is not None else []
     if telemetry.metrics is not None:
         observing.append(RpcMetricsInterceptor(telemetry.metrics))
     server = grpc.aio.server(
@@ -131,7 +132,8 @@ async def start_server(
         raise OSError(f"could not bind {address}") from err
     if port == 0:
         raise OSError(f"could not bind {address}")
-    spans.server_address = host_port(config.host, port)
+    if spans is not None:
+        spans.server_address = host_port(config.host, port)
     await server.start()
     for name in (*names, ""):
         await _set_status(health_servicer, name, health_pb2.HealthCheckResponse.SERVING)

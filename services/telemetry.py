@@ -44,12 +44,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Status, StatusCode
 
-from moemesh.client.tracing import AioCompleteSpan, address_attributes
+from moemesh.client.tracing import address_attributes, client_spans, tracing_on
 
 if TYPE_CHECKING:
     import torch
@@ -105,9 +105,14 @@ class Telemetry:
         """The tracer of the domain spans (the RPC spans are the gRPC instrumentation's)."""
         return trace.get_tracer(INSTRUMENTATION_NAME, tracer_provider=self.tracer_provider)
 
+    @property
+    def tracing(self) -> bool:
+        """Whether spans are recorded (a provider given or installed globally)."""
+        return tracing_on(self.tracer_provider)
+
     def client_interceptors(self, target: str) -> list[grpc.aio.ClientInterceptor]:
         """For a `grpc.aio` channel to `target` ("host:port"): a CLIENT span for every call."""
-        return [*aio_client_interceptors(self.tracer_provider), AioCompleteSpan(target)]
+        return client_spans(target, self.tracer_provider)
 
     def server_interceptor(self) -> grpc.aio.ServerInterceptor:
         """The SERVER span of every call, its parent from the caller's `traceparent`; put

@@ -263,3 +263,15 @@ def test_dashboard_queries_only_metrics_that_exist():
     assert any(q.startswith("histogram_quantile(0.99") for q in queries)
     assert "heatmap" in {p["type"] for p in dashboard["panels"]}
     assert {v["type"] for v in dashboard["templating"]["list"]} >= {"datasource"}
+
+
+def test_no_rpc_interceptor_when_tracing_is_off():
+    # No provider given and none installed globally (this test process never installs one):
+    # channels and servers get no span interceptors at all, not no-op ones.
+    from moemesh.client.tracing import client_spans, tracing_on
+
+    assert not tracing_on() and not Telemetry().tracing
+    assert client_spans("127.0.0.1:1") == [] and Telemetry().client_interceptors("127.0.0.1:1") == []
+    provider = TracerProvider()
+    assert tracing_on(provider) and Telemetry(provider).tracing
+    assert len(Telemetry(provider).client_interceptors("127.0.0.1:1")) >= 2
