@@ -15,7 +15,6 @@ neither ever materialises the whole model.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -30,6 +29,7 @@ from safetensors import safe_open
 from moemesh.protos.spec import ModelSpec
 
 from .model import spec_from_config
+from .presets import PRESETS, preset_config
 
 
 @dataclass(frozen=True)
@@ -162,112 +162,9 @@ def _check_expert(spec: ModelSpec, layer: int, expert: int) -> None:
 # Presets
 # --------------------------------------------------------------------------------------------
 
-PRESETS: tuple[str, ...] = (
-    "tiny-mixtral",
-    "medium-mixtral",
-    "bench-mixtral",
-    "tiny-deepseek-v3",
-    "tiny-qwen2-moe",
-)
-
-# transformers-style config.json dicts; complete enough to build the matching transformers model
-# (e.g. `MixtralConfig(**preset_config("tiny-mixtral"))`).
-_PRESET_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny-mixtral": {
-        "model_type": "mixtral",
-        "architectures": ["MixtralForCausalLM"],
-        "vocab_size": 128,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "hidden_act": "silu",
-        "num_local_experts": 8,
-        "num_experts_per_tok": 2,
-    },
-    "medium-mixtral": {
-        "model_type": "mixtral",
-        "architectures": ["MixtralForCausalLM"],
-        "vocab_size": 1024,
-        "hidden_size": 512,
-        "intermediate_size": 1024,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "hidden_act": "silu",
-        "num_local_experts": 16,
-        "num_experts_per_tok": 2,
-    },
-    # One MoE layer at the size `moemesh bench` measures (issue 8): Mixtral layout, 8 experts, top-2.
-    "bench-mixtral": {
-        "model_type": "mixtral",
-        "architectures": ["MixtralForCausalLM"],
-        "vocab_size": 1024,
-        "hidden_size": 1024,
-        "intermediate_size": 2816,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "hidden_act": "silu",
-        "num_local_experts": 8,
-        "num_experts_per_tok": 2,
-    },
-    "tiny-deepseek-v3": {
-        "model_type": "deepseek_v3",
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "vocab_size": 128,
-        "hidden_size": 64,
-        "intermediate_size": 128,  # dense MLP of layer 0
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "first_k_dense_replace": 1,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "q_lora_rank": None,
-        "kv_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 8,
-        "hidden_act": "silu",
-        "n_routed_experts": 16,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 4,
-        "n_group": 4,
-        "topk_group": 2,
-        "routed_scaling_factor": 2.5,
-        "norm_topk_prob": True,
-    },
-    "tiny-qwen2-moe": {
-        "model_type": "qwen2_moe",
-        "architectures": ["Qwen2MoeForCausalLM"],
-        "vocab_size": 128,
-        "hidden_size": 64,
-        "intermediate_size": 128,  # dense MLP of mlp_only_layers (none here)
-        "moe_intermediate_size": 32,
-        "shared_expert_intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "hidden_act": "silu",
-        "num_experts": 8,
-        "num_experts_per_tok": 2,
-        "norm_topk_prob": False,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-    },
-}
-
 # Half-width of the uniform init of the DeepSeek selection bias: large enough to change choices.
 _PRESET_BIAS_SCALE = 0.1
 _SEED_SALT = "moemesh-preset-v1"
-
-
-def preset_config(name: str) -> dict[str, Any]:
-    """The transformers-style config dict of preset `name` (a fresh copy)."""
-    if name not in _PRESET_CONFIGS:
-        raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return copy.deepcopy(_PRESET_CONFIGS[name])
 
 
 def _seed(preset: str, tensor: str) -> int:
