@@ -4,6 +4,7 @@ with Client("127.0.0.1:50051") as mesh:
     out = mesh.forward(hidden, layer=0)                      # hidden: [tokens, hidden_size]
     out, routing = mesh.forward(hidden, layer=0, return_routing=True)
     routing = mesh.route(hidden, layer=0, policy=RoutingPolicy(RoutingMode.TOP_P, top_p=0.9))
+    out = mesh.dispatch(hidden, 0, routing.experts, routing.weights)  # your routing, routed experts
 
 Each RPC is described once (`_Call`: stub method, request, how to read the reply, span
 attributes); `Client` makes it blocking and `AsyncClient` awaits it.
@@ -38,9 +39,13 @@ class _Call:
     attributes: Mapping[str, Any] = field(default_factory=dict)  # on the call's CLIENT span
 
 
-def _layer_request(message, hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None, **fields):
+def _check_hidden(hidden: torch.Tensor) -> None:
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [tokens, hidden_size], got shape {list(hidden.shape)}")
+
+
+def _layer_request(message, hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None, **fields):
+    _check_hidden(hidden)
     request = message(layer=layer, hidden=wire.encode_tensor(hidden), **fields)
     if policy is not None:
         request.routing.CopyFrom(wire.encode_policy(policy))
@@ -63,6 +68,23 @@ def _forward(hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None, ret
 
     request = _layer_request(pb.ForwardRequest, hidden, layer, policy, return_routing=return_routing)
     return _Call("Forward", request, result, _attributes(hidden, layer, policy))
+
+
+def _dispatch(hidden: torch.Tensor, layer: int, experts, weights) -> _Call:
+    _check_hidden(hidden)
+    routing = Routing(torch.as_tensor(experts), torch.as_tensor(weights))
+    request = wire.encode_dispatch(layer, hidden, routing)
+    attributes = {
+        "moemesh.layer": layer,
+        "moemesh.tokens": int(hidden.shape[0]),
+        "moemesh.routing.policy": "caller",
+    }
+    return _Call(
+        "Dispatch",
+        request,
+        lambda reply: wire.decode_tensor(reply.hidden, "hidden", rank=2).clone(),
+        attributes,
+    )
 
 
 def _route(hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None) -> _Call:
@@ -119,6 +141,16 @@ class Client(_Base):
         """hidden: [tokens, hidden_size] -> the MoE layer's output (and the Routing, if asked)."""
         return self._invoke(_forward(hidden, layer, policy, return_routing), timeout)
 
+    def dispatch(self, hidden, layer: int, experts, weights, timeout=None) -> torch.Tensor:
+        """hidden: [tokens, hidden_size] with your own routing -> the routed experts' combined output.
+
+        experts: [tokens, K] expert ids (any integer dtype; -1 = unused slot), weights: [tokens, K]
+        combine weights (any float dtype), e.g. a transformers router's `top_k_index` and
+        `top_k_weights`. Returns sum over used slots of weight * expert(hidden), in hidden's dtype;
+        the router runs no gate and adds no shared experts.
+        """
+        return self._invoke(_dispatch(hidden, layer, experts, weights), timeout)
+
     def route(self, hidden, layer: int, policy=None, timeout=None) -> Routing:
         """hidden: [tokens, hidden_size] -> chosen experts and weights, without running experts."""
         return self._invoke(_route(hidden, layer, policy), timeout)
@@ -151,6 +183,10 @@ class AsyncClient(_Base):
     async def forward(self, hidden, layer: int, policy=None, return_routing: bool = False, timeout=None):
         """See `Client.forward`."""
         return await self._invoke(_forward(hidden, layer, policy, return_routing), timeout)
+
+    async def dispatch(self, hidden, layer: int, experts, weights, timeout=None) -> torch.Tensor:
+        """See `Client.dispatch`."""
+        return await self._invoke(_dispatch(hidden, layer, experts, weights), timeout)
 
     async def route(self, hidden, layer: int, policy=None, timeout=None) -> Routing:
         """See `Client.route`."""

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoemesh/protos/moemesh.proto\x12\nmoemesh.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.moemesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"x\n\x0fRoutingOverride\x12%\n\x04mode\x18\x01 \x01(\x0e\x32\x17.moemesh.v1.RoutingMode\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\tthreshold\x18\x04 \x01(\x02\x12\r\n\x05max_k\x18\x05 \x01(\r\"S\n\x07Routing\x12#\n\x07\x65xperts\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12#\n\x07weights\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\"\x89\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12,\n\x07routing\x18\x03 \x01(\x0b\x32\x1b.moemesh.v1.RoutingOverride\x12\x16\n\x0ereturn_routing\x18\x04 \x01(\x08\"[\n\x0f\x46orwardResponse\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12$\n\x07routing\x18\x02 \x01(\x0b\x32\x13.moemesh.v1.Routing\"o\n\x0cRouteRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12,\n\x07routing\x18\x03 \x01(\x0b\x32\x1b.moemesh.v1.RoutingOverride\"5\n\rRouteResponse\x12$\n\x07routing\x18\x01 \x01(\x0b\x32\x13.moemesh.v1.Routing\"\x14\n\x12GetTopologyRequest\"\xb5\x01\n\tLayerInfo\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0bnum_experts\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x16\n\x0erouting_family\x18\x05 \x01(\t\x12\x16\n\x0eshared_experts\x18\x06 \x01(\r\x12\x19\n\x11intermediate_size\x18\x07 \x01(\r\x12\x15\n\rtokens_routed\x18\x08 \x03(\x04\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\xaa\x01\n\x08HostInfo\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12&\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\x15.moemesh.v1.ExpertRef\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x16\n\x0erelative_speed\x18\x07 \x01(\x02\x12\x0f\n\x07healthy\x18\x08 \x01(\x08\"p\n\x13GetTopologyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06layers\x18\x02 \x03(\x0b\x32\x15.moemesh.v1.LayerInfo\x12#\n\x05hosts\x18\x03 \x03(\x0b\x32\x14.moemesh.v1.HostInfo\"N\n\x07Segment\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x11\n\trow_start\x18\x03 \x01(\r\x12\x11\n\trow_count\x18\x04 \x01(\r\"Y\n\x0e\x43omputeRequest\x12%\n\x08segments\x18\x01 \x03(\x0b\x32\x13.moemesh.v1.Segment\x12 \n\x04rows\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\"3\n\x0f\x43omputeResponse\x12 \n\x04rows\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\"\r\n\x0bInfoRequest\"\x9b\x01\n\x0cInfoResponse\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12&\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x15.moemesh.v1.ExpertRef\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x16\n\x0erelative_speed\x18\x07 \x01(\x02*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04*w\n\x0bRoutingMode\x12\x1c\n\x18ROUTING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12ROUTING_MODE_TOP_K\x10\x01\x12\x16\n\x12ROUTING_MODE_TOP_P\x10\x02\x12\x1a\n\x16ROUTING_MODE_THRESHOLD\x10\x03\x32\xda\x01\n\x06Router\x12\x42\n\x07\x46orward\x12\x1a.moemesh.v1.ForwardRequest\x1a\x1b.moemesh.v1.ForwardResponse\x12<\n\x05Route\x12\x18.moemesh.v1.RouteRequest\x1a\x19.moemesh.v1.RouteResponse\x12N\n\x0bGetTopology\x12\x1e.moemesh.v1.GetTopologyRequest\x1a\x1f.moemesh.v1.GetTopologyResponse2\x87\x01\n\x06\x45xpert\x12\x42\n\x07\x43ompute\x12\x1a.moemesh.v1.ComputeRequest\x1a\x1b.moemesh.v1.ComputeResponse\x12\x39\n\x04Info\x12\x17.moemesh.v1.InfoRequest\x1a\x18.moemesh.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoemesh/protos/moemesh.proto\x12\nmoemesh.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.moemesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"x\n\x0fRoutingOverride\x12%\n\x04mode\x18\x01 \x01(\x0e\x32\x17.moemesh.v1.RoutingMode\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\tthreshold\x18\x04 \x01(\x02\x12\r\n\x05max_k\x18\x05 \x01(\r\"S\n\x07Routing\x12#\n\x07\x65xperts\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12#\n\x07weights\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\"\x89\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12,\n\x07routing\x18\x03 \x01(\x0b\x32\x1b.moemesh.v1.RoutingOverride\x12\x16\n\x0ereturn_routing\x18\x04 \x01(\x08\"[\n\x0f\x46orwardResponse\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12$\n\x07routing\x18\x02 \x01(\x0b\x32\x13.moemesh.v1.Routing\"o\n\x0cRouteRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12,\n\x07routing\x18\x03 \x01(\x0b\x32\x1b.moemesh.v1.RoutingOverride\"5\n\rRouteResponse\x12$\n\x07routing\x18\x01 \x01(\x0b\x32\x13.moemesh.v1.Routing\"j\n\x0f\x44ispatchRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12$\n\x07routing\x18\x03 \x01(\x0b\x32\x13.moemesh.v1.Routing\"6\n\x10\x44ispatchResponse\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\"\x14\n\x12GetTopologyRequest\"\xb5\x01\n\tLayerInfo\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0bnum_experts\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x16\n\x0erouting_family\x18\x05 \x01(\t\x12\x16\n\x0eshared_experts\x18\x06 \x01(\r\x12\x19\n\x11intermediate_size\x18\x07 \x01(\r\x12\x15\n\rtokens_routed\x18\x08 \x03(\x04\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\xaa\x01\n\x08HostInfo\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12&\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\x15.moemesh.v1.ExpertRef\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x16\n\x0erelative_speed\x18\x07 \x01(\x02\x12\x0f\n\x07healthy\x18\x08 \x01(\x08\"p\n\x13GetTopologyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06layers\x18\x02 \x03(\x0b\x32\x15.moemesh.v1.LayerInfo\x12#\n\x05hosts\x18\x03 \x03(\x0b\x32\x14.moemesh.v1.HostInfo\"N\n\x07Segment\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x11\n\trow_start\x18\x03 \x01(\r\x12\x11\n\trow_count\x18\x04 \x01(\r\"Y\n\x0e\x43omputeRequest\x12%\n\x08segments\x18\x01 \x03(\x0b\x32\x13.moemesh.v1.Segment\x12 \n\x04rows\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\"3\n\x0f\x43omputeResponse\x12 \n\x04rows\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\"\r\n\x0bInfoRequest\"\x9b\x01\n\x0cInfoResponse\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12&\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x15.moemesh.v1.ExpertRef\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x16\n\x0erelative_speed\x18\x07 \x01(\x02*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04*w\n\x0bRoutingMode\x12\x1c\n\x18ROUTING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12ROUTING_MODE_TOP_K\x10\x01\x12\x16\n\x12ROUTING_MODE_TOP_P\x10\x02\x12\x1a\n\x16ROUTING_MODE_THRESHOLD\x10\x03\x32\xa1\x02\n\x06Router\x12\x42\n\x07\x46orward\x12\x1a.moemesh.v1.ForwardRequest\x1a\x1b.moemesh.v1.ForwardResponse\x12<\n\x05Route\x12\x18.moemesh.v1.RouteRequest\x1a\x19.moemesh.v1.RouteResponse\x12\x45\n\x08\x44ispatch\x12\x1b.moemesh.v1.DispatchRequest\x1a\x1c.moemesh.v1.DispatchResponse\x12N\n\x0bGetTopology\x12\x1e.moemesh.v1.GetTopologyRequest\x1a\x1f.moemesh.v1.GetTopologyResponse2\x87\x01\n\x06\x45xpert\x12\x42\n\x07\x43ompute\x12\x1a.moemesh.v1.ComputeRequest\x1a\x1b.moemesh.v1.ComputeResponse\x12\x39\n\x04Info\x12\x17.moemesh.v1.InfoRequest\x1a\x18.moemesh.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.protos.moemesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1659
-  _globals['_DTYPE']._serialized_end=1764
-  _globals['_ROUTINGMODE']._serialized_start=1766
-  _globals['_ROUTINGMODE']._serialized_end=1885
+  _globals['_DTYPE']._serialized_start=1823
+  _globals['_DTYPE']._serialized_end=1928
+  _globals['_ROUTINGMODE']._serialized_start=1930
+  _globals['_ROUTINGMODE']._serialized_end=2049
   _globals['_TENSOR']._serialized_start=44
   _globals['_TENSOR']._serialized_end=115
   _globals['_ROUTINGOVERRIDE']._serialized_start=117
@@ -49,28 +49,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTEREQUEST']._serialized_end=668
   _globals['_ROUTERESPONSE']._serialized_start=670
   _globals['_ROUTERESPONSE']._serialized_end=723
-  _globals['_GETTOPOLOGYREQUEST']._serialized_start=725
-  _globals['_GETTOPOLOGYREQUEST']._serialized_end=745
-  _globals['_LAYERINFO']._serialized_start=748
-  _globals['_LAYERINFO']._serialized_end=929
-  _globals['_EXPERTREF']._serialized_start=931
-  _globals['_EXPERTREF']._serialized_end=973
-  _globals['_HOSTINFO']._serialized_start=976
-  _globals['_HOSTINFO']._serialized_end=1146
-  _globals['_GETTOPOLOGYRESPONSE']._serialized_start=1148
-  _globals['_GETTOPOLOGYRESPONSE']._serialized_end=1260
-  _globals['_SEGMENT']._serialized_start=1262
-  _globals['_SEGMENT']._serialized_end=1340
-  _globals['_COMPUTEREQUEST']._serialized_start=1342
-  _globals['_COMPUTEREQUEST']._serialized_end=1431
-  _globals['_COMPUTERESPONSE']._serialized_start=1433
-  _globals['_COMPUTERESPONSE']._serialized_end=1484
-  _globals['_INFOREQUEST']._serialized_start=1486
-  _globals['_INFOREQUEST']._serialized_end=1499
-  _globals['_INFORESPONSE']._serialized_start=1502
-  _globals['_INFORESPONSE']._serialized_end=1657
-  _globals['_ROUTER']._serialized_start=1888
-  _globals['_ROUTER']._serialized_end=2106
-  _globals['_EXPERT']._serialized_start=2109
-  _globals['_EXPERT']._serialized_end=2244
+  _globals['_DISPATCHREQUEST']._serialized_start=725
+  _globals['_DISPATCHREQUEST']._serialized_end=831
+  _globals['_DISPATCHRESPONSE']._serialized_start=833
+  _globals['_DISPATCHRESPONSE']._serialized_end=887
+  _globals['_GETTOPOLOGYREQUEST']._serialized_start=889
+  _globals['_GETTOPOLOGYREQUEST']._serialized_end=909
+  _globals['_LAYERINFO']._serialized_start=912
+  _globals['_LAYERINFO']._serialized_end=1093
+  _globals['_EXPERTREF']._serialized_start=1095
+  _globals['_EXPERTREF']._serialized_end=1137
+  _globals['_HOSTINFO']._serialized_start=1140
+  _globals['_HOSTINFO']._serialized_end=1310
+  _globals['_GETTOPOLOGYRESPONSE']._serialized_start=1312
+  _globals['_GETTOPOLOGYRESPONSE']._serialized_end=1424
+  _globals['_SEGMENT']._serialized_start=1426
+  _globals['_SEGMENT']._serialized_end=1504
+  _globals['_COMPUTEREQUEST']._serialized_start=1506
+  _globals['_COMPUTEREQUEST']._serialized_end=1595
+  _globals['_COMPUTERESPONSE']._serialized_start=1597
+  _globals['_COMPUTERESPONSE']._serialized_end=1648
+  _globals['_INFOREQUEST']._serialized_start=1650
+  _globals['_INFOREQUEST']._serialized_end=1663
+  _globals['_INFORESPONSE']._serialized_start=1666
+  _globals['_INFORESPONSE']._serialized_end=1821
+  _globals['_ROUTER']._serialized_start=2052
+  _globals['_ROUTER']._serialized_end=2341
+  _globals['_EXPERT']._serialized_start=2344
+  _globals['_EXPERT']._serialized_end=2479
 # @@protoc_insertion_point(module_scope)

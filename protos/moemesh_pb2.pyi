@@ -99,6 +99,22 @@ class RouteResponse(_message.Message):
     routing: Routing
     def __init__(self, routing: _Optional[_Union[Routing, _Mapping]] = ...) -> None: ...
 
+class DispatchRequest(_message.Message):
+    __slots__ = ("layer", "hidden", "routing")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    hidden: Tensor
+    routing: Routing
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ...) -> None: ...
+
+class DispatchResponse(_message.Message):
+    __slots__ = ("hidden",)
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    hidden: Tensor
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class GetTopologyRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class RouterStub:
-    """The router: gate, plan, dispatch to expert hosts, combine.
+    """The router: gate (or the caller's routing), plan, dispatch to expert hosts, combine.
     """
 
     def __init__(self, channel):
@@ -45,6 +45,11 @@ class RouterStub:
                 request_serializer=moemesh_dot_protos_dot_moemesh__pb2.RouteRequest.SerializeToString,
                 response_deserializer=moemesh_dot_protos_dot_moemesh__pb2.RouteResponse.FromString,
                 _registered_method=True)
+        self.Dispatch = channel.unary_unary(
+                '/moemesh.v1.Router/Dispatch',
+                request_serializer=moemesh_dot_protos_dot_moemesh__pb2.DispatchRequest.SerializeToString,
+                response_deserializer=moemesh_dot_protos_dot_moemesh__pb2.DispatchResponse.FromString,
+                _registered_method=True)
         self.GetTopology = channel.unary_unary(
                 '/moemesh.v1.Router/GetTopology',
                 request_serializer=moemesh_dot_protos_dot_moemesh__pb2.GetTopologyRequest.SerializeToString,
@@ -53,7 +58,7 @@ class RouterStub:
 
 
 class RouterServicer:
-    """The router: gate, plan, dispatch to expert hosts, combine.
+    """The router: gate (or the caller's routing), plan, dispatch to expert hosts, combine.
     """
 
     def Forward(self, request, context):
@@ -65,6 +70,16 @@ class RouterServicer:
 
     def Route(self, request, context):
         """Run only the gate: which experts each token would use, and with what weights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Dispatch(self, request, context):
+        """Run the routed experts of one MoE layer with the caller's routing instead of the gate: the
+        same plan, dispatch and combine as Forward (and merged with concurrent Forward calls of the
+        layer), without the gate and without shared experts. Bad routing is INVALID_ARGUMENT naming
+        the field (e.g. "routing.experts.data") and the expected value.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +105,11 @@ def add_RouterServicer_to_server(servicer, server):
                     request_deserializer=moemesh_dot_protos_dot_moemesh__pb2.RouteRequest.FromString,
                     response_serializer=moemesh_dot_protos_dot_moemesh__pb2.RouteResponse.SerializeToString,
             ),
+            'Dispatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Dispatch,
+                    request_deserializer=moemesh_dot_protos_dot_moemesh__pb2.DispatchRequest.FromString,
+                    response_serializer=moemesh_dot_protos_dot_moemesh__pb2.DispatchResponse.SerializeToString,
+            ),
             'GetTopology': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTopology,
                     request_deserializer=moemesh_dot_protos_dot_moemesh__pb2.GetTopologyRequest.FromString,
@@ -104,7 +124,7 @@ def add_RouterServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Router:
-    """The router: gate, plan, dispatch to expert hosts, combine.
+    """The router: gate (or the caller's routing), plan, dispatch to expert hosts, combine.
     """
 
     @staticmethod
@@ -151,6 +171,33 @@ class Router:
             '/moemesh.v1.Router/Route',
             moemesh_dot_protos_dot_moemesh__pb2.RouteRequest.SerializeToString,
             moemesh_dot_protos_dot_moemesh__pb2.RouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Dispatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Router/Dispatch',
+            moemesh_dot_protos_dot_moemesh__pb2.DispatchRequest.SerializeToString,
+            moemesh_dot_protos_dot_moemesh__pb2.DispatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

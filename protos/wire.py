@@ -6,6 +6,7 @@ what it is given and raises `InvalidArgument` naming the field and what was expe
 
     tensor      torch.Tensor      <-> pb.Tensor
     routing     Routing           <-> pb.Routing
+    dispatch    layer, hidden, Routing -> pb.DispatchRequest (the routing through decode_routing)
     policy      RoutingPolicy     <-> pb.RoutingOverride
     segments    [Segment]         <-> [pb.Segment]
     host        HostInfo          <-> pb.InfoResponse / pb.HostInfo
@@ -160,6 +161,26 @@ def decode_routing(msg: pb.Routing) -> Routing:
             f"expected the shape of routing.experts {list(experts.shape)}, got {list(weights.shape)}",
         )
     return Routing(experts=experts.to(torch.int64), weights=weights.clone())
+
+
+_INT32 = torch.iinfo(torch.int32)
+
+
+def encode_dispatch(layer: int, hidden: torch.Tensor, routing: Routing) -> pb.DispatchRequest:
+    """Router.Dispatch request. hidden: [tokens, hidden_size]; routing: experts of any integer dtype
+    (ids must fit int32; -1 = unused slot), weights of any float dtype, both [tokens, K], sent as
+    int32 / float32. The router checks shapes and ranges; TypeError / ValueError here only for what
+    the wire cannot carry."""
+    experts, weights = routing.experts, routing.weights
+    if experts.dtype.is_floating_point or experts.dtype.is_complex or experts.dtype == torch.bool:
+        raise TypeError(f"experts: expected an integer tensor of expert ids, got {experts.dtype}")
+    if not weights.dtype.is_floating_point:
+        raise TypeError(f"weights: expected a float tensor of combine weights, got {weights.dtype}")
+    if experts.numel() and (int(experts.min()) < _INT32.min or int(experts.max()) > _INT32.max):
+        raise ValueError(
+            f"experts: expert ids must fit int32, got [{int(experts.min())}, {int(experts.max())}]"
+        )
+    return pb.DispatchRequest(layer=layer, hidden=encode_tensor(hidden), routing=encode_routing(routing))
 
 
 _MODE_TO_PB = {

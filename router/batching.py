@@ -6,11 +6,12 @@
 
 A request starts at once when fewer than `max_inflight` batches of its layer are running (a lone
 request waits for nothing, `window_s` at most when set); otherwise it waits, and the next batch
-takes every waiting request, up to `max_batch_tokens`. Each request keeps its own routing policy
-(gated alone), deadline and cancellation: a request that is cancelled or passes its deadline while
-waiting is dropped before any work is done for it, and one that does so while its batch runs
-gets its own error while its batch-mates go on. Bad input fails only the request that brought it.
-A request's result does not depend on what it was merged with.
+takes every waiting request, up to `max_batch_tokens`. Requests that bring their own routing
+(Router.Dispatch) queue and merge with gated ones (Router.Forward) alike. Each request keeps its
+own routing policy (gated alone) or routing, deadline and cancellation: a request that is
+cancelled or passes its deadline while waiting is dropped before any work is done for it, and one
+that does so while its batch runs gets its own error while its batch-mates go on. Bad input fails
+only the request that brought it. A request's result does not depend on what it was merged with.
 """
 
 from __future__ import annotations
@@ -68,11 +69,14 @@ class ForwardBatcher:
         self._waiting: dict[tuple[int, torch.dtype], deque[_Waiting]] = {}
         self._running: dict[tuple[int, torch.dtype], int] = {}
         self._timers: dict[tuple[int, torch.dtype], asyncio.TimerHandle] = {}
+        self._last_size: dict[tuple[int, torch.dtype], int] = {}  # requests in the last batch started
+        self._holding: dict[tuple[int, torch.dtype], float] = {}  # when a batch that could start was held
 
     async def forward(self, layer: int, request: LayerRequest, timeout: float | None = None) -> ForwardResult:
-        """request.hidden: [tokens, hidden] -> the layer's output, as `SparseMoE.forward` (merged
-        with the requests that arrive meanwhile). Raises InvalidRouting before queueing for a bad
-        policy, DeadlineExceeded after `timeout` seconds."""
+        """request.hidden: [tokens, hidden] -> the layer's output, as `SparseMoE.forward_batch` gives
+        it (merged with the requests that arrive meanwhile, gated or with their own routing).
+        Raises InvalidRouting before queueing for a bad policy, DeadlineExceeded after `timeout`
+        seconds."""
         validate_policy(self.moe.layers[layer].gate, request.policy)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -112,16 +116,25 @@ class ForwardBatcher:
             if not batch:
                 continue
             self._running[key] = self._running.get(key, 0) + 1
+            self._last_size[key] = len(batch)
+            self._holding.pop(key, None)
             # The batch runs in its first request's context, so its stage spans join that trace.
             asyncio.get_running_loop().create_task(self._run(key, batch), context=batch[0].context)
 
     def _hold(self, key: tuple[int, torch.dtype], queue: deque[_Waiting]) -> bool:
-        """With a collection window, wait for more requests (up to window_s after the oldest)."""
+        """With a collection window, wait for more requests (up to window_s after the oldest), but
+        only while the layer has company: fewer requests wait than its last batch merged. A lone
+        client (last batch: one request) is never held."""
         window = self.config.window_s
-        if window <= 0 or sum(item.tokens for item in queue) >= self.config.max_batch_tokens:
+        if window <= 0 or len(queue) >= self._last_size.get(key, 1):
             return False
-        wait = queue[0].arrived + window - time.monotonic()
+        if sum(item.tokens for item in queue) >= self.config.max_batch_tokens:
+            return False
+        now = time.monotonic()
+        since = self._holding.setdefault(key, now)  # the window runs from when a batch could start
+        wait = since + window - now
         if wait <= 0:
+            del self._holding[key]
             return False
         if key not in self._timers:
             self._timers[key] = asyncio.get_running_loop().call_later(wait, self._release, key)

@@ -1,21 +1,23 @@
 """Plan and combine: which rows go to which expert on which host, and how the results come back.
 
     Routing ──plan──▶ DispatchPlan (one HostBatch per expert host)
+    (a caller's own Routing is checked first: check_routing)
     HostBatch ──pack──▶ rows [R, hidden] ──(transport)──▶ expert rows [R, hidden]
-    expert rows ──combine──▶ out [tokens, hidden] (weighted scatter-add)
+    expert rows ──combine──▶ out [tokens, hidden] (weighted scatter-add), add_shared
 
 No transport here: a HostBatch is exactly what one `Compute` request carries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from moemesh.protos.spec import ExpertKey, HostInfo, Routing, Segment
+from moemesh.protos.spec import ExpertKey, HostInfo, InvalidArgument, Routing, Segment
 
 
 class NoReplica(LookupError):
@@ -124,6 +126,53 @@ class FirstReplica:
         pass
 
 
+def check_routing(routing: Routing, num_tokens: int, num_experts: int) -> Routing:
+    """A caller's routing (Router.Dispatch), checked and as the gate would give it.
+
+    routing.experts: [num_tokens, K] any integer dtype, ids in [-1, num_experts), -1 = unused slot;
+    routing.weights: [num_tokens, K] any float dtype, finite. K may be 0; a token with no used slot
+    gets zeros. Returns experts int64 and weights float32 of the same shape; raises InvalidArgument
+    naming the field ("routing.experts.data", ...) and the expected value.
+    """
+    experts, weights = routing.experts, routing.weights
+    if experts.dtype.is_floating_point or experts.dtype.is_complex or experts.dtype == torch.bool:
+        raise InvalidArgument(
+            "routing.experts.dtype", f"expected an integer dtype (int32), got {experts.dtype}"
+        )
+    if not weights.dtype.is_floating_point:
+        raise InvalidArgument(
+            "routing.weights.dtype", f"expected a float dtype (float32), got {weights.dtype}"
+        )
+    if experts.dim() != 2:
+        raise InvalidArgument(
+            "routing.experts.shape", f"expected 2 dimensions [tokens, K], got {list(experts.shape)}"
+        )
+    if weights.shape != experts.shape:
+        raise InvalidArgument(
+            "routing.weights.shape",
+            f"expected the shape of routing.experts {list(experts.shape)}, got {list(weights.shape)}",
+        )
+    if experts.shape[0] != num_tokens:
+        raise InvalidArgument(
+            "routing.experts.shape",
+            f"expected {num_tokens} tokens (the first dimension of hidden), got {experts.shape[0]}",
+        )
+    bad = (experts < -1) | (experts >= num_experts)
+    if bool(bad.any()):
+        t, k = (int(i) for i in bad.nonzero()[0])
+        raise InvalidArgument(
+            "routing.experts.data",
+            f"expected expert ids in [-1, {num_experts}) (-1 = unused slot); token {t} slot {k} has "
+            f"{int(experts[t, k])}",
+        )
+    if not bool(torch.isfinite(weights).all()):
+        t, k = (int(i) for i in (~torch.isfinite(weights)).nonzero()[0])
+        raise InvalidArgument(
+            "routing.weights.data", f"expected finite values; token {t} slot {k} has {float(weights[t, k])}"
+        )
+    return Routing(experts.to(torch.int64), weights.to(torch.float32))
+
+
 def plan(
     routing: Routing,
     layer: int,
@@ -223,3 +272,25 @@ def combine(out: torch.Tensor, batch: HostBatch, expert_rows: torch.Tensor) -> N
     """
     assert expert_rows.shape == (batch.num_rows, out.shape[1]), (expert_rows.shape, batch.num_rows)
     out.index_add_(0, batch.token_index, expert_rows.to(out.dtype) * batch.weight.unsqueeze(1))
+
+
+def add_shared(
+    out: torch.Tensor,
+    hidden: torch.Tensor,
+    shared: Callable[[torch.Tensor], torch.Tensor],
+    gated: Sequence[bool],
+    sizes: Sequence[int],
+) -> None:
+    """out [T, H] float32 += shared(hidden [T, H]) on the rows of the gated requests, in place.
+
+    The rows are requests' rows one after another (`sizes`, summing to T); a request with its own
+    routing (`gated[j]` False) gets the routed experts only, as the experts interface computes.
+    """
+    if all(gated):
+        out += shared(hidden).to(out.dtype)
+        return
+    starts = [0, *itertools.accumulate(sizes)]
+    rows = [torch.arange(starts[j], starts[j + 1]) for j, is_gated in enumerate(gated) if is_gated]
+    if rows:
+        index = torch.cat(rows)
+        out.index_add_(0, index, shared(hidden.index_select(0, index)).to(out.dtype))

@@ -1,5 +1,9 @@
 """The sparse path of one MoE layer: gate → plan → dispatch → combine.
 
+Two entry points share it: a request with hidden states only is gated here (Router.Forward); a
+request that brings its own routing (Router.Dispatch, the `transformers` experts interface) skips
+the gate, is checked instead, and gets the routed experts only (no shared experts).
+
 `SparseMoE` runs it against an `ExpertTransport`, the small protocol for "where experts run":
 in process (tests, the single-process compute limit) or over gRPC (services/transport.py).
 Torch work runs on an executor so that an asyncio server's event loop only waits on I/O.
@@ -28,6 +32,8 @@ from .dispatch import (
     HostBatch,
     ReplicaChooser,
     RoutingTable,
+    add_shared,
+    check_routing,
     combine,
     pack,
     plan,
@@ -88,11 +94,14 @@ class LayerRequest:
 
     hidden: [tokens, hidden]. finish: run on the executor in the finish hop with the request's
     ForwardResult (e.g. to encode its reply); what it returns is `ForwardResult.finished`.
+    routing: the caller's own routing (experts / weights [tokens, K], -1 = unused slot): no gate
+    (`policy` is ignored), checked by `check_routing`, and no shared experts in the output.
     """
 
     hidden: torch.Tensor
     policy: RoutingPolicy | None = None
     finish: Callable[[ForwardResult], Any] | None = None
+    routing: Routing | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,7 @@ class ForwardFacts:
 
     layer: int
     tokens: int  # of every request in the batch
-    policy: RoutingPolicy | None  # of the batch's first request
+    policy: RoutingPolicy | None  # of the batch's first gated request (None: default or none gated)
     requests: int = 1  # requests merged into this forward
     routing: Routing | None = None  # after gate (merged)
     plan: DispatchPlan | None = None  # after plan
@@ -213,7 +222,8 @@ class SparseMoE:
         """Several requests of one layer as one gate → plan → dispatch → combine.
 
         requests[i].hidden: [T_i, hidden], all of one dtype. Each request is checked and gated with
-        its own policy; their routed rows share one plan, one call per host and one combine; each
+        its own policy, or checked with the routing it brings; their routed rows share one plan,
+        one call per host and one combine (shared experts only on gated requests' rows); each
         gets its own rows of the output, identical to running it alone (up to float summation
         order). Returns, per request, its ForwardResult or the error that is its alone (bad input);
         an error of the shared work (no replica, deadline, a host error) is raised for all.
@@ -223,8 +233,12 @@ class SparseMoE:
         deadline = None if timeout is None else time.monotonic() + timeout
         spec = self.layers[layer]
         table = self._table
+        gated = [i for i, r in enumerate(requests) if r.routing is None]
         facts = ForwardFacts(
-            layer, sum(int(r.hidden.shape[0]) for r in requests), requests[0].policy, len(requests)
+            layer,
+            sum(int(r.hidden.shape[0]) for r in requests),
+            requests[gated[0]].policy if gated else None,
+            len(requests),
         )
         observe = self.observer.stage
         outcome: list[ForwardResult | BaseException | None] = [None] * len(requests)
@@ -232,16 +246,24 @@ class SparseMoE:
         # prepare: one executor hop.
         def prepare():
             with observe("gate", facts):
-                routed = []  # (index, routing) of the requests that passed their checks
-                for group in _by_policy(requests):  # one gate call per distinct policy
-                    for i, routing in self._gate_group(layer, [requests[i] for i in group], group):
-                        if isinstance(routing, Exception):
-                            outcome[i] = routing
-                        else:
-                            routed.append((i, routing))
+                checked = [  # (index, Routing or its own error): one gate call per distinct policy
+                    pair
+                    for group in _by_policy(requests, gated)
+                    for pair in self._gate_group(layer, [requests[i] for i in group], group)
+                ]
+                checked += [
+                    (i, _caller_routing(r, spec.num_experts))
+                    for i, r in enumerate(requests)
+                    if r.routing is not None
+                ]
+                routed = []  # (index, routing) of the requests that passed their checks, in order
+                for i, routing in sorted(checked, key=lambda pair: pair[0]):
+                    if isinstance(routing, Exception):
+                        outcome[i] = routing
+                    else:
+                        routed.append((i, routing))
                 if not routed:
                     return None
-                routed.sort(key=lambda pair: pair[0])
                 merged = facts.routing = merge_routings([routing for _, routing in routed])
             with observe("plan", facts):
                 hidden = (
@@ -273,15 +295,15 @@ class SparseMoE:
         # finish: combine (weighted scatter-add in float32), shared experts, split, each request's
         # own finishing work (e.g. encoding its reply); one executor hop.
         def finish() -> None:
+            sizes = [int(requests[i].hidden.shape[0]) for i, _ in routed]
             out = torch.zeros(hidden.shape, dtype=torch.float32)
             for pairs in results:
                 for batch, rows in pairs:
                     combine(out, batch, rows)
-            if spec.shared is not None:
-                out += spec.shared(hidden).to(torch.float32)
+            if spec.shared is not None:  # on the rows of gated requests only
+                add_shared(out, hidden, spec.shared, [requests[i].routing is None for i, _ in routed], sizes)
             with self._count_lock:  # load counts only work that succeeded
                 self.tokens_routed[layer] += dispatch_plan.tokens_per_expert
-            sizes = [int(requests[i].hidden.shape[0]) for i, _ in routed]
             failed = tuple(sorted(attempt.failed))
             for (i, routing), part in zip(routed, out.split(sizes)):
                 request = requests[i]
@@ -382,12 +404,21 @@ def check_finite(hidden: torch.Tensor) -> None:
         raise InvalidArgument("hidden.data", f"expected finite values; token {bad} has NaN or Inf")
 
 
-def _by_policy(requests: Sequence[LayerRequest]) -> list[list[int]]:
-    """Indices of `requests` grouped by routing policy, in order of first appearance."""
+def _by_policy(requests: Sequence[LayerRequest], indices: Sequence[int]) -> list[list[int]]:
+    """`indices` of `requests` grouped by routing policy, in order of first appearance."""
     groups: dict[RoutingPolicy | None, list[int]] = {}
-    for i, r in enumerate(requests):
-        groups.setdefault(r.policy, []).append(i)
+    for i in indices:
+        groups.setdefault(requests[i].policy, []).append(i)
     return list(groups.values())
+
+
+def _caller_routing(request: LayerRequest, num_experts: int) -> Routing | InvalidArgument:
+    """The routing a request brought, checked (with its hidden states), or its own error."""
+    try:
+        check_finite(request.hidden)
+        return check_routing(request.routing, int(request.hidden.shape[0]), num_experts)
+    except InvalidArgument as err:
+        return err
 
 
 def _trimmed(routing: Routing) -> Routing:

@@ -61,17 +61,19 @@ class HostLimits:
 
 @dataclass(frozen=True)
 class RouterLimits:
-    """What one router admits (`moemesh serve-router`, `moemesh up`): Forward and Route calls in
-    flight, from the request's arrival to its reply; and how it merges the Forward calls of a layer
-    (continuous batching, router/batching.py)."""
+    """What one router admits (`moemesh serve-router`, `moemesh up`): Forward, Dispatch and Route
+    calls in flight, from the request's arrival to its reply; and how it merges the Forward and
+    Dispatch calls of a layer (continuous batching, router/batching.py)."""
 
     max_inflight_tokens: int = _limit(
         8192, "router: tokens of the calls in flight (also the most one call may bring)"
     )
-    max_inflight_requests: int = _limit(256, "router: Forward/Route calls in flight")
-    max_batch_tokens: int = _limit(8192, "router: tokens of concurrent Forward calls merged into one")
+    max_inflight_requests: int = _limit(256, "router: Forward/Dispatch/Route calls in flight")
+    max_batch_tokens: int = _limit(
+        8192, "router: tokens of concurrent Forward/Dispatch calls merged into one"
+    )
     max_batches_in_flight: int = _limit(1, "router: merged forwards of one layer running at once")
-    batch_window_us: int = _limit(0, "router: how long a Forward that could start waits for others, µs")
+    batch_window_us: int = _limit(0, "router: how long a call that could start waits for others, µs")
 
     def __post_init__(self) -> None:
         _check_positive(self, may_be_zero=("batch_window_us",))

@@ -1,6 +1,7 @@
-"""Router.Forward / Route / GetTopology: a thin servicer over `moemesh.router.pipeline.SparseMoE`.
+"""Router.Forward / Dispatch / Route / GetTopology: a thin servicer over `moemesh.router.pipeline.SparseMoE`.
 
     admit ─▶ decode ─▶ validate ─▶ gate ─▶ plan ─▶ dispatch ─▶ combine ─▶ encode
+    (Dispatch: the caller's routing, validated, instead of the gate; no shared experts)
 
 admit: the call's tokens are read from the message's shape, before any decoding or torch work;
 beyond `RouterLimits` (tokens and calls in flight) it gets `Overloaded` (RESOURCE_EXHAUSTED) at
@@ -28,7 +29,7 @@ SERVICE_NAME = "moemesh.v1.Router"
 
 
 class RouterServicer(pb_grpc.RouterServicer):
-    """Forward, Route and GetTopology for one model."""
+    """Forward, Dispatch, Route and GetTopology for one model."""
 
     def __init__(
         self, moe: SparseMoE, spec: ModelSpec, hosts: Sequence[HostInfo], limits: RouterLimits | None = None
@@ -47,7 +48,7 @@ class RouterServicer(pb_grpc.RouterServicer):
             self.limits.max_inflight_requests,
         )
 
-    def _admit(self, request: pb.ForwardRequest | pb.RouteRequest) -> Ticket:
+    def _admit(self, request: pb.ForwardRequest | pb.DispatchRequest | pb.RouteRequest) -> Ticket:
         """Room for the call's tokens (the first dimension of `hidden`, nothing decoded yet)."""
         shape = request.hidden.shape
         return self.in_flight.admit(int(shape[0]) if len(shape) else 0)
@@ -96,6 +97,25 @@ class RouterServicer(pb_grpc.RouterServicer):
 
             timeout = context.time_remaining()
             result = await self.batcher.forward(request.layer, LayerRequest(hidden, policy, encode), timeout)
+            return result.finished
+
+    async def Dispatch(self, request: pb.DispatchRequest, context) -> pb.DispatchResponse:
+        with self._admit(request):
+            hidden = self._hidden(request.hidden, request.HasField("hidden"), self._layer(request.layer))
+            if not request.HasField("routing"):
+                raise wire.InvalidArgument(
+                    "routing",
+                    "required: experts int32 [tokens, K] (-1 = unused slot), weights float32 [tokens, K]",
+                )
+            routing = wire.decode_routing(request.routing)  # ids, weights and tokens: checked in the pipeline
+
+            def encode(result: ForwardResult) -> pb.DispatchResponse:  # in the forward's finish hop
+                return pb.DispatchResponse(hidden=wire.encode_tensor(result.hidden))
+
+            timeout = context.time_remaining()
+            result = await self.batcher.forward(
+                request.layer, LayerRequest(hidden, finish=encode, routing=routing), timeout
+            )
             return result.finished
 
     async def Route(self, request: pb.RouteRequest, context) -> pb.RouteResponse:

@@ -10,7 +10,7 @@ import torch
 
 from moemesh.experts.ffn import ExpertBank
 from moemesh.experts.weights import open_source
-from moemesh.protos.spec import InvalidArgument, InvalidRouting, RoutingMode, RoutingPolicy
+from moemesh.protos.spec import InvalidArgument, InvalidRouting, Routing, RoutingMode, RoutingPolicy
 from moemesh.router.batching import BatchingConfig, ForwardBatcher
 from moemesh.router.dispatch import RoutingTable
 from moemesh.router.pipeline import DeadlineExceeded, LayerRequest, SparseMoE
@@ -81,6 +81,13 @@ def _solo(source, banks, requests):
 ONE_AT_A_TIME = BatchingConfig(max_inflight=1)
 
 
+def _request(r) -> tuple[LayerRequest, float | None]:
+    """(request, timeout) from a LayerRequest, or from (hidden, policy) or (hidden, policy, timeout)."""
+    if isinstance(r, LayerRequest):
+        return r, None
+    return LayerRequest(r[0], r[1]), r[2] if len(r) == 3 else None
+
+
 def _merged(source, banks, requests, act=None, config=ONE_AT_A_TIME):
     """The first request starts alone and holds its hosts; the rest queue and run as one batch.
     `act(tasks)` runs while they wait (e.g. cancels one). Returns (outcomes, transport)."""
@@ -92,10 +99,7 @@ def _merged(source, banks, requests, act=None, config=ONE_AT_A_TIME):
         try:
             first = asyncio.ensure_future(batcher.forward(LAYER, LayerRequest(_hidden(2, 99))))
             await asyncio.sleep(0.01)  # the first batch is dispatched and waits at the gate
-            tasks = [
-                asyncio.ensure_future(batcher.forward(LAYER, LayerRequest(h, p), timeout=t))
-                for h, p, t in ((*r, None) if len(r) == 2 else r for r in requests)
-            ]
+            tasks = [asyncio.ensure_future(batcher.forward(LAYER, *_request(r))) for r in requests]
             await asyncio.sleep(0.01)
             if act is not None:
                 await act(tasks)
@@ -120,6 +124,37 @@ def test_merged_results_equal_solo_results_with_their_own_policies(source, banks
         torch.testing.assert_close(together.hidden, alone.hidden, rtol=0, atol=1e-6)
     # one call per host for the lone first request, one per host for the merged batch
     assert transport.calls <= 2 * len(banks)
+
+
+def test_dispatch_and_forward_requests_merge_alike(source, banks):
+    """Requests with their own routing (Router.Dispatch) join the same batch as gated ones."""
+    own = Routing(
+        torch.tensor([[0, -1], [7, 3], [-1, -1]]), torch.tensor([[1.0, 9.0], [0.5, 0.25], [2.0, 2.0]])
+    )
+    bad = Routing(torch.tensor([[8]]), torch.tensor([[1.0]]))  # expert 8 of 8
+    requests = [
+        LayerRequest(_hidden(5, 0)),
+        LayerRequest(_hidden(3, 1), routing=own),
+        LayerRequest(_hidden(1, 2), routing=bad),
+        LayerRequest(_hidden(4, 3), RoutingPolicy(top_k=3)),
+    ]
+
+    async def alone():
+        transport = InProcessTransport(banks)
+        moe = _moe(source, banks, transport)
+        try:
+            return [(await moe.forward_batch(LAYER, [r]))[0] for r in requests]
+        finally:
+            moe.close()
+            await transport.close()
+
+    solo = asyncio.run(alone())
+    merged, _ = _merged(source, banks, requests)
+    assert isinstance(merged[2], InvalidArgument) and merged[2].field == "routing.experts.data"
+    for i in (0, 1, 3):
+        assert merged[i].batch_requests == 3  # ran together; the bad one failed alone
+        torch.testing.assert_close(merged[i].hidden, solo[i].hidden, rtol=1e-5, atol=1e-6)
+    assert torch.equal(merged[1].hidden[2], torch.zeros(HIDDEN))  # no used slot
 
 
 def test_bad_input_fails_only_its_own_request(source, banks):
@@ -183,3 +218,34 @@ def test_token_cap_splits_batches(source, banks):
 def test_config_is_checked():
     with pytest.raises(ValueError, match="max_batch_tokens"):
         BatchingConfig(max_batch_tokens=0)
+
+
+def test_window_holds_only_while_the_layer_has_company(source, banks):
+    """With a collection window, a lone client is never held; after a batch of three, a request
+    waits (up to the window) until as many are waiting, then starts at once."""
+
+    async def go():
+        transport = Gated(InProcessTransport(banks))
+        transport.open.set()
+        moe = _moe(source, banks, transport)
+        batcher = ForwardBatcher(moe, BatchingConfig(max_inflight=1, window_s=1.0))
+        try:
+            await batcher.forward(LAYER, LayerRequest(_hidden(3, 0)))  # alone: not held
+            trio = [
+                asyncio.ensure_future(batcher.forward(LAYER, LayerRequest(_hidden(2, s)))) for s in (1, 2, 3)
+            ]
+            merged = await asyncio.gather(*trio)  # the first starts alone, the next two merge
+            calls = transport.calls
+            held = asyncio.ensure_future(batcher.forward(LAYER, LayerRequest(_hidden(2, 4))))
+            await asyncio.sleep(0)
+            assert transport.calls == calls  # held: the last batch merged two, one waits
+            second = asyncio.ensure_future(batcher.forward(LAYER, LayerRequest(_hidden(2, 5))))
+            both = await asyncio.wait_for(asyncio.gather(held, second), 0.9)  # not at the window's end
+            return merged, both
+        finally:
+            moe.close()
+            await transport.inner.close()
+
+    merged, both = asyncio.run(go())
+    assert [r.batch_requests for r in merged] == [1, 2, 2]
+    assert [r.batch_requests for r in both] == [2, 2]

@@ -216,6 +216,83 @@ def test_bad_router_requests_raise_domain_errors_naming_the_field(
     assert status_of(info.value)[0] == grpc.StatusCode.INVALID_ARGUMENT
 
 
+# -- Dispatch: the caller's routing ------------------------------------------------------------------
+
+
+def _dispatch(mesh, hidden, experts, weights, layer=0) -> torch.Tensor:
+    routing = pb.Routing(experts=wire.encode_tensor(experts), weights=wire.encode_tensor(weights))
+    request = pb.DispatchRequest(layer=layer, hidden=wire.encode_tensor(hidden), routing=routing)
+    reply = asyncio.run(mesh.router.Dispatch(request, Context()))
+    return wire.decode_tensor(reply.hidden, "hidden", rank=2)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_dispatch_equals_the_per_token_loop_on_the_callers_routing(mesh, source, layer):
+    hidden = _hidden(seed=10 + layer)
+    experts = torch.tensor([[5, -1, 0], [-1, -1, -1], [7, 1, 2]] * 4, dtype=torch.int32)
+    weights = torch.tensor([[0.5, 3.0, 0.25], [1.0, 1.0, 1.0], [1.5, -0.5, 0.125]] * 4)
+    out = _dispatch(mesh, hidden, experts, weights, layer)
+    expected = torch.zeros(hidden.shape, dtype=torch.float64)
+    for t in range(hidden.shape[0]):
+        for e, w in zip(experts[t].tolist(), weights[t].tolist()):
+            if e >= 0:
+                expected[t] += w * _ffn64(source, layer, e, hidden[t].double())
+    assert (out.double() - expected).abs().max().item() <= 1e-5
+    # the gate's own routing gives Forward's output (tiny-mixtral has no shared experts)
+    _, experts, weights = reference(source, layer, hidden)
+    forward = wire.decode_tensor(_forward(mesh, layer, hidden).hidden, "hidden")
+    dispatched = _dispatch(mesh, hidden, experts.to(torch.int32), weights.float(), layer)
+    torch.testing.assert_close(dispatched, forward, rtol=0, atol=1e-6)
+
+
+def test_dispatch_keeps_the_request_dtype(mesh):
+    out = _dispatch(
+        mesh,
+        _hidden(3, dtype=torch.bfloat16),
+        torch.tensor([[1], [2], [3]], dtype=torch.int32),
+        torch.ones(3, 1),
+    )
+    assert out.dtype == torch.bfloat16 and out.shape == (3, HIDDEN)
+
+
+def _routing_of(experts, weights) -> pb.Routing:
+    return pb.Routing(experts=wire.encode_tensor(experts), weights=wire.encode_tensor(weights))
+
+
+_IDS = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+_W = torch.ones(2, 2)
+
+
+@pytest.mark.parametrize(
+    "fields, field, message",
+    [
+        ({"layer": 5, "hidden": _hidden(2), "routing": _routing_of(_IDS, _W)}, "layer", r"unknown MoE layer 5; expected one of \[0, 1\]"),
+        ({"routing": _routing_of(_IDS, _W)}, "hidden", "required"),
+        ({"hidden": _hidden(2)}, "routing", "required: experts int32"),
+        ({"hidden": _hidden(2)[:, :32], "routing": _routing_of(_IDS, _W)}, "hidden.shape", "expected hidden size 64"),
+        ({"hidden": _nan_at(1)[:2], "routing": _routing_of(_IDS, _W)}, "hidden.data", "token 1 has NaN or Inf"),
+        ({"hidden": _hidden(2), "routing": _routing_of(_IDS.float(), _W)}, "routing.experts.dtype", "expected one of DTYPE_INT32, got DTYPE_FLOAT32"),
+        ({"hidden": _hidden(2), "routing": _routing_of(_IDS, _W.half())}, "routing.weights.dtype", "expected one of DTYPE_FLOAT32"),
+        ({"hidden": _hidden(2), "routing": _routing_of(_IDS[0], _W[0])}, "routing.experts.shape", "expected 2 dimensions"),
+        ({"hidden": _hidden(2), "routing": _routing_of(_IDS, _W[:, :1])}, "routing.weights.shape", r"expected the shape of routing.experts \[2, 2\]"),
+        ({"hidden": _hidden(3), "routing": _routing_of(_IDS, _W)}, "routing.experts.shape", r"expected 3 tokens \(the first dimension of hidden\), got 2"),
+        ({"hidden": _hidden(2), "routing": _routing_of(_IDS + 6, _W)}, "routing.experts.data", r"expected expert ids in \[-1, 8\) \(-1 = unused slot\); token 1 slot 0 has 8"),
+        ({"hidden": _hidden(2), "routing": _routing_of(_IDS - 3, _W)}, "routing.experts.data", "token 0 slot 0 has -3"),
+        ({"hidden": _hidden(2), "routing": _routing_of(_IDS, _W.masked_fill(_IDS == 3, float("inf")))}, "routing.weights.data", "expected finite values; token 1 slot 1 has inf"),
+        ({"hidden": _hidden(2), "routing": pb.Routing(experts=pb.Tensor(dtype=pb.DTYPE_INT32, shape=[2, 2], data=b"\0" * 12), weights=wire.encode_tensor(_W))}, "routing.experts.data", "expected 16 bytes"),
+    ],
+)  # fmt: skip
+def test_bad_dispatch_requests_raise_invalid_argument_naming_the_field(mesh, fields, field, message):
+    if "hidden" in fields:
+        fields = {**fields, "hidden": wire.encode_tensor(fields["hidden"])}
+    routed = mesh.router.moe.tokens_routed[0].clone()
+    with pytest.raises(wire.InvalidArgument, match=message) as info:
+        asyncio.run(mesh.router.Dispatch(pb.DispatchRequest(**fields), Context()))
+    assert info.value.field == field
+    assert status_of(info.value)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert torch.equal(mesh.router.moe.tokens_routed[0], routed)  # nothing half-applied
+
+
 def test_forward_past_its_deadline_is_deadline_exceeded(mesh):
     request = pb.ForwardRequest(layer=0, hidden=wire.encode_tensor(_hidden(2)))
     with pytest.raises(DeadlineExceeded) as info:

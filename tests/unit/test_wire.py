@@ -171,6 +171,37 @@ def test_decode_routing_rejects_mismatched_experts_and_weights():
         wire.decode_routing(msg)
 
 
+def test_dispatch_request_round_trip_converts_any_int_and_float_routing():
+    hidden = _sample(torch.bfloat16, (3, 5), seed=2)
+    experts = torch.tensor([[7, -1], [-1, -1], [0, 2**31 - 1]], dtype=torch.int64)
+    weights = torch.tensor([[0.5, 0.0], [0.0, 0.0], [0.25, -1.5]], dtype=torch.bfloat16)
+    msg = pb.DispatchRequest.FromString(
+        wire.encode_dispatch(4, hidden, Routing(experts, weights)).SerializeToString()
+    )
+    assert msg.layer == 4 and torch.equal(wire.decode_tensor(msg.hidden, "hidden", rank=2), hidden)
+    assert (msg.routing.experts.dtype, msg.routing.weights.dtype) == (pb.DTYPE_INT32, pb.DTYPE_FLOAT32)
+    routing = wire.decode_routing(msg.routing)
+    assert torch.equal(routing.experts, experts) and torch.equal(routing.weights, weights.float())
+    int16 = wire.encode_dispatch(0, hidden, Routing(experts.clamp(max=9).to(torch.int16), weights.double()))
+    back = wire.decode_routing(int16.routing)
+    assert torch.equal(back.experts, experts.clamp(max=9)) and torch.equal(back.weights, weights.float())
+
+
+@pytest.mark.parametrize(
+    "experts, weights, error, message",
+    [
+        (torch.zeros(1, 2), torch.zeros(1, 2), TypeError, "experts: expected an integer tensor"),
+        (torch.zeros(1, 2, dtype=torch.bool), torch.zeros(1, 2), TypeError, "experts: .*torch.bool"),
+        (torch.zeros(1, 2, dtype=I32), torch.zeros(1, 2, dtype=I32), TypeError, "weights: expected a float tensor"),
+        (torch.tensor([[1, 2**31]]), torch.zeros(1, 2), ValueError, "experts: expert ids must fit int32"),
+        (torch.tensor([[-(2**31) - 1, 0]]), torch.zeros(1, 2), ValueError, "must fit int32"),
+    ],
+)  # fmt: skip
+def test_encode_dispatch_refuses_what_the_wire_cannot_carry(experts, weights, error, message):
+    with pytest.raises(error, match=message):
+        wire.encode_dispatch(0, torch.zeros(1, 4), Routing(experts, weights))
+
+
 @pytest.mark.parametrize(
     "policy",
     [
