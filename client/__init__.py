@@ -7,10 +7,11 @@ with Client("127.0.0.1:50051") as mesh:
     out = mesh.forward(hidden, layer=0)        # hidden: [tokens, hidden_size]
 """
 
-from moemesh.protos.spec import Routing, RoutingMode, RoutingPolicy, Topology
+from moemesh.protos.spec import Routing, RoutingMode, RoutingPolicy, Topology, UnsupportedModel
 
 from .client import AsyncClient, Client
 from .errors import (
+    ClientClosedError,
     DeadlineExceededError,
     InvalidArgumentError,
     MoeMeshError,
@@ -23,6 +24,7 @@ from .remote import RemoteMoE
 __all__ = [
     "AsyncClient",
     "Client",
+    "ClientClosedError",
     "DeadlineExceededError",
     "InvalidArgumentError",
     "MoeMeshError",
@@ -35,4 +37,5 @@ __all__ = [
     "remote_experts",
     "Topology",
     "UnavailableError",
+    "UnsupportedModel",
 ]

@@ -25,7 +25,7 @@ from moemesh.protos import wire
 from moemesh.protos.spec import Routing, RoutingPolicy, Topology
 from moemesh.protos.wire import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 
-from .errors import from_rpc_error
+from .errors import ClientClosedError, from_rpc_error
 from .tracing import call_attributes, traced_aio_channel, traced_channel
 
 
@@ -118,9 +118,12 @@ class _Base:
         self.timeout = timeout
         self._channel = type(self)._open_channel(address, channel_options(max_message_bytes), tracer_provider)
         self._stub = pb_grpc.RouterStub(self._channel)
+        self.closed = False
 
     def _call(self, call: _Call, timeout: float | None):
         """Start `call` on the stub (blocking: the reply; asyncio: an awaitable of it)."""
+        if self.closed:
+            raise ClientClosedError(self.address)
         deadline = self.timeout if timeout is None else timeout
         with call_attributes(call.attributes):
             return getattr(self._stub, call.method)(call.request, timeout=deadline)
@@ -160,6 +163,7 @@ class Client(_Base):
         return self._invoke(_TOPOLOGY, timeout)
 
     def close(self) -> None:
+        self.closed = True
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -197,6 +201,7 @@ class AsyncClient(_Base):
         return await self._invoke(_TOPOLOGY, timeout)
 
     async def close(self) -> None:
+        self.closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:

@@ -36,6 +36,13 @@ class DeadlineExceededError(MoeMeshError):
     """The call did not finish within its timeout."""
 
 
+class ClientClosedError(MoeMeshError):
+    """A call on a client (or a `RemoteMoE` / offloaded model) whose connection was closed."""
+
+    def __init__(self, address: str):
+        super().__init__(grpc.StatusCode.CANCELLED, f"the client of the router at {address} is closed")
+
+
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
