@@ -62,16 +62,25 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns exceptions escaping a unary-unary handler into a status with a clear message."""
+    """Turns exceptions escaping a unary-unary handler into a status with a clear message, and
+    parses the request itself: bytes that are not the method's protobuf message are INVALID_ARGUMENT
+    (grpc would answer UNKNOWN "Unexpected DecodeError")."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        inner = handler.unary_unary
+        inner, parse = handler.unary_unary, handler.request_deserializer
 
-        async def guarded(request, context: grpc.aio.ServicerContext):
+        async def guarded(raw, context: grpc.aio.ServicerContext):
             try:
+                try:
+                    request = parse(raw) if parse is not None else raw
+                except Exception as err:  # protobuf's DecodeError, or anything a parser raises
+                    raise InvalidArgument(
+                        "request",
+                        f"{len(raw)} bytes are not a valid message for {handler_call_details.method} ({err})",
+                    ) from None
                 return await inner(request, context)
             except asyncio.CancelledError:
                 raise
@@ -89,7 +98,5 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(code, message)
 
         return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            guarded, request_deserializer=None, response_serializer=handler.response_serializer
         )

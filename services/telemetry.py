@@ -281,6 +281,8 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _byte_size(message) -> int:
+    if isinstance(message, (bytes, bytearray, memoryview)):  # requests arrive unparsed (ErrorInterceptor)
+        return len(message)
     size = getattr(message, "ByteSize", None)
     return int(size()) if callable(size) else 0
 

@@ -226,3 +226,24 @@ def test_expert_host_rejects_unknown_expert_and_bad_segments(mesh):
         assert list(ok.rows.shape) == [4, H]
     finally:
         channel.close()
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/moemesh.v1.Router/Forward",
+        "/moemesh.v1.Router/Route",
+        "/moemesh.v1.Router/Dispatch",
+        "/moemesh.v1.Expert/Compute",
+    ],
+)
+@pytest.mark.parametrize("payload", [b"\x34", b"\x0a\xff\xff\xff\xff\x0f", b"\xff" * 64])
+def test_bytes_that_are_no_protobuf_are_invalid_argument(mesh, router, method, payload):
+    address = mesh.address if "Router" in method else mesh.hosts[0].address
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(method)  # raw bytes out, raw bytes back
+        with pytest.raises(grpc.RpcError) as info:
+            call(payload, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "request:" in info.value.details() and "not a valid message" in info.value.details()
+    _good(router)
