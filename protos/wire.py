@@ -59,6 +59,13 @@ assert {d.wire: d.name.upper() for d in DTYPES} == {
 }, "spec.DTYPES and moemesh.proto's DType enum disagree"
 
 
+def _shape_text(shape: list[int], most: int = 8) -> str:
+    """A shape for an error message, summarised when long (a status message must stay small)."""
+    if len(shape) <= most:
+        return str(shape)
+    return f"[{', '.join(map(str, shape[:4]))}, ..., {', '.join(map(str, shape[-2:]))}] ({len(shape)} dimensions)"
+
+
 def _code_name(code: int) -> str:
     return pb.DType.Name(code) if code in pb.DType.values() else str(code)
 
@@ -118,9 +125,11 @@ def decode_tensor(
         raise InvalidArgument(f"{field}.dtype", f"expected one of {names}, got {_code_name(msg.dtype)}")
     shape = list(msg.shape)
     if rank is not None and len(shape) != rank:
-        raise InvalidArgument(f"{field}.shape", f"expected {rank} dimensions, got {len(shape)} ({shape})")
+        raise InvalidArgument(
+            f"{field}.shape", f"expected {rank} dimensions, got {len(shape)} ({_shape_text(shape)})"
+        )
     if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{field}.shape", f"dimensions must be >= 0, got {shape}")
+        raise InvalidArgument(f"{field}.shape", f"dimensions must be >= 0, got {_shape_text(shape)}")
     info = dtype_info(msg.dtype)
     numel = 1
     for d in shape:
@@ -128,7 +137,7 @@ def decode_tensor(
     if len(msg.data) != numel * info.itemsize:
         raise InvalidArgument(
             f"{field}.data",
-            f"expected {numel * info.itemsize} bytes for shape {shape} and {_code_name(msg.dtype)}, "
+            f"expected {numel * info.itemsize} bytes for shape {_shape_text(shape)} and {_code_name(msg.dtype)}, "
             f"got {len(msg.data)}",
         )
     if numel == 0:

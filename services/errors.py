@@ -61,6 +61,17 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
 
 
+# Status messages travel in HTTP/2 trailers, which clients cap (16 KiB by default): a longer one
+# would reach the caller as RESOURCE_EXHAUSTED instead of the status it explains.
+MAX_MESSAGE_CHARS = 2000
+
+
+def _capped(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions escaping a unary-unary handler into a status with a clear message, and
     parses the request itself: bytes that are not the method's protobuf message are INVALID_ARGUMENT
@@ -95,7 +106,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     context.set_trailing_metadata(
                         ((RETRY_PUSHBACK_KEY, str(max(1, round(retry_after * 1000)))),)
                     )
-                await context.abort(code, message)
+                await context.abort(code, _capped(message))
 
         return grpc.unary_unary_rpc_method_handler(
             guarded, request_deserializer=None, response_serializer=handler.response_serializer

@@ -247,3 +247,14 @@ def test_bytes_that_are_no_protobuf_are_invalid_argument(mesh, router, method, p
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert "request:" in info.value.details() and "not a valid message" in info.value.details()
     _good(router)
+
+
+def test_a_huge_shape_is_summarised_in_a_short_invalid_argument(router):
+    # 6,000 dimensions: repeating them would overflow the caller's metadata limit (16 KiB) and
+    # reach it as RESOURCE_EXHAUSTED instead of the real status.
+    hidden = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1] * 6000, data=b"\0\0\0\0")
+    with pytest.raises(grpc.RpcError) as info:
+        router.Forward(pb.ForwardRequest(layer=0, hidden=hidden), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "6000 dimensions" in info.value.details() and len(info.value.details()) < 500
+    _good(router)

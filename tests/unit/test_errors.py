@@ -113,3 +113,12 @@ def test_server_status_reaches_the_caller_as_the_matching_typed_error():
         code, message = status_of(err)
         typed = client_errors.from_rpc_error(_RpcError(code, message))
         assert isinstance(typed, kind) and typed.details == message
+
+
+def test_long_status_messages_are_capped():
+    from moemesh.services.errors import MAX_MESSAGE_CHARS, _capped
+
+    assert _capped("short") == "short"
+    long = "x" * (MAX_MESSAGE_CHARS + 500)
+    capped = _capped(long)
+    assert len(capped) < MAX_MESSAGE_CHARS + 40 and capped.endswith("(500 more characters)")
