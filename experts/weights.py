@@ -271,7 +271,7 @@ class CheckpointSource:
         if index_path.is_file():
             with open(index_path, encoding="utf-8") as fh:
                 weight_map = json.load(fh)["weight_map"]
-            return {name: self.directory / file for name, file in weight_map.items()}
+            return {name: self._inside(file, name) for name, file in weight_map.items()}
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{self.directory}: no *.safetensors files next to config.json")
@@ -281,6 +281,17 @@ class CheckpointSource:
                 for name in fh.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                     names[name] = path
         return names
+
+    def _inside(self, file: str, name: str) -> Path:
+        """The index entry `file` as a path inside the checkpoint folder; ValueError for one that
+        leaves it ("../x", an absolute path, a link out): a checkpoint reads only its own files."""
+        root = self.directory.resolve()
+        path = (self.directory / file).resolve()
+        if not path.is_relative_to(root):
+            raise ValueError(
+                f"{self.directory}: {_INDEX_FILE} maps {name!r} to {file!r}, outside the checkpoint folder"
+            )
+        return path
 
     @property
     def tensor_names(self) -> list[str]:

@@ -99,6 +99,21 @@ def test_sharded_checkpoint(saved, tmp_path):
     _assert_same_weights(model, open_source(tmp_path))
 
 
+def test_index_entries_stay_inside_the_checkpoint_folder(saved, tmp_path):
+    model, _ = saved["mixtral"]
+    inner = tmp_path / "model"
+    model.save_pretrained(inner, max_shard_size="40KB")
+    index_path = inner / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = next(iter(index["weight_map"]))
+    (tmp_path / "outside").mkdir()
+    for escape in ("../outside/x.safetensors", str(tmp_path / "outside" / "x.safetensors")):
+        index["weight_map"][name] = escape
+        index_path.write_text(json.dumps(index))
+        with pytest.raises(ValueError, match="outside the checkpoint folder"):
+            open_source(inner)
+
+
 def test_deepseek_spec_fields(saved):
     spec = open_source(saved["deepseek_v3"][1]).spec
     assert spec.layer_indices == (1,)
