@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from moemesh.protos.wire import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 
@@ -89,6 +89,23 @@ async def _set_status(servicer, name: str, status) -> None:
         await result
 
 
+# grpcio-reflection serves only v1alpha; clients that speak v1 (newer grpcurl, Postman) ask this
+# name. The two protocols are the same messages under another package, so the same servicer answers.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _serve_reflection_v1(server: grpc.aio.Server, names: Sequence[str]) -> None:
+    servicer = reflection.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
+
+
 def host_port(host: str, port: int) -> str:
     """A gRPC address: "host:port", "[v6]:port"."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -116,7 +133,9 @@ async def start_server(
         observing.append(RpcMetricsInterceptor(telemetry.metrics))
     server = grpc.aio.server(
         interceptors=[*observing, ErrorInterceptor(), *interceptors],
-        options=channel_options(config.max_message_bytes),
+        # SO_REUSEPORT off: a second server on a port in use fails to start instead of silently
+        # sharing the port's clients with the first.
+        options=[*channel_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     for service in services:
@@ -124,7 +143,9 @@ async def start_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.name for s in services]
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    listed = [*names, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
+    reflection.enable_server_reflection(listed, server)
+    _serve_reflection_v1(server, listed)
     address = host_port(config.host, config.port)
     try:
         port = server.add_insecure_port(address)
