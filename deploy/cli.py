@@ -484,6 +484,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except USER_ERRORS as err:
+        # What a user can act on gets one line; --log-level DEBUG shows the traceback.
+        if args.log_level == "DEBUG":
+            raise
+        print(f"moemesh {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from moemesh.client import MoeMeshError
+
+    return (MoeMeshError, OSError, TimeoutError, ValueError, KeyError)
+
+
+USER_ERRORS = _user_errors()
 
 
 if __name__ == "__main__":
