@@ -16,6 +16,7 @@ Clients find the router by name: `find_router()` returns its gRPC address.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -32,7 +33,13 @@ from moemesh.experts.device import device_healthy
 from moemesh.protos.spec import dtype_info
 from moemesh.services.bootstrap import ServerConfig
 from moemesh.services.launch import ExpertHostConfig, RouterConfig, start_expert_host, start_router
-from moemesh.services.telemetry import HOST_ATTRIBUTE, Telemetry, TelemetryConfig, start_telemetry
+from moemesh.services.telemetry import (
+    HOST_ATTRIBUTE,
+    Telemetry,
+    TelemetryConfig,
+    flush_tracing,
+    start_telemetry,
+)
 
 from .backend import MeshConfig
 from .cluster import ClusterSpec
@@ -165,6 +172,13 @@ class ExpertHostActor:
     def address(self) -> str:
         return self._address
 
+    def stop(self) -> None:
+        """Drain the server and flush this process's spans, before Ray kills the actor (a killed
+        process never runs its exit hooks, and the batched spans would be lost)."""
+        self._watchdog.stop()
+        self._loop.call(self._host.stop(0.5), timeout=30)
+        flush_tracing()
+
     def describe(self) -> dict:
         servicer = self._host.servicer
         return {
@@ -195,6 +209,11 @@ class RouterActor:
 
     def address(self) -> str:
         return self._address
+
+    def stop(self) -> None:
+        """See ExpertHostActor.stop."""
+        self._loop.call(self._router.stop(0.5), timeout=30)
+        flush_tracing()
 
     def register_host(self, address: str) -> str:
         return self._loop.call(self._router.register_host(address), timeout=60).host_id
@@ -386,9 +405,16 @@ def mesh_actor_names(namespace: str = NAMESPACE) -> list[str]:
 
 
 def remove(namespace: str = NAMESPACE, wait_s: float = 30.0) -> list[str]:
-    """Kill the router and every host actor of the mesh (no restarts); returns the names removed."""
-    removed = []
-    for name in mesh_actor_names(namespace):
+    """Stop the router and every host actor of the mesh (drained, spans flushed), then kill them
+    (no restarts); returns the names removed."""
+    removed, names = [], mesh_actor_names(namespace)
+    stops = []
+    for name in sorted(names, key=lambda n: n != ROUTER_NAME):  # the router first: it drains
+        with contextlib.suppress(ValueError):
+            stops.append(ray.get_actor(name, namespace=namespace).stop.remote())
+    with contextlib.suppress(Exception):  # a dead or stuck actor is killed all the same
+        ray.get(stops, timeout=wait_s)
+    for name in names:
         try:
             ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
             removed.append(name)

@@ -171,6 +171,13 @@ def configure_tracing(service_name: str, resource_attributes: Mapping[str, str] 
     return provider
 
 
+def flush_tracing(timeout_s: float = 10.0) -> None:
+    """Export the spans this process still holds (before it is killed; exit hooks flush otherwise)."""
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if flush is not None:
+        flush(int(timeout_s * 1000))
+
+
 def start_telemetry(config: TelemetryConfig) -> Telemetry:
     """For entry points: `configure_tracing`, and with a metrics port, metrics served on it."""
     configure_tracing(config.service_name, dict(config.resource))
