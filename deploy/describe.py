@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -59,6 +60,9 @@ def activation_name(act: object) -> str:
     def settings(module: object) -> dict:
         return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
 
+    functions = {F.silu: "silu", F.gelu: "gelu", F.relu: "relu"}  # some experts keep a plain function
+    if act in functions:
+        return functions[act]
     for name in SUPPORTED_ACTIVATIONS:
         candidate = ACT2FN[name] if name in ACT2FN else None  # noqa: SIM401 - [] builds the instance
         if candidate is not None and type(candidate) is type(act) and settings(candidate) == settings(act):
