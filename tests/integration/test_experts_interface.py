@@ -152,3 +152,15 @@ def test_family_on_the_mesh_equals_the_local_model_and_is_given_back(family):
         assert (_logits(model, ids) - local).abs().max().item() > 1e-4
         for m, w in zip(experts, saved, strict=True):
             m.down_proj.copy_(w)
+
+
+def test_a_dispatch_only_router_refuses_forward_naming_the_layer():
+    from moemesh.client import InvalidArgumentError
+
+    model = tiny_causal_lm("gpt_oss")
+    with offload_experts(model, num_hosts=2, device="cpu") as remote:
+        layer = remote.layers[0]
+        with pytest.raises(InvalidArgumentError, match=f"layer {layer} has no router gate"):
+            remote.client.forward(torch.zeros(2, model.config.hidden_size), layer)
+        with pytest.raises(ValueError, match="policy"):
+            offload_experts(model, policy=object())
