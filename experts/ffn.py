@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moemesh.protos.spec import ExpertKey, Segment, check_segments, describe_experts
+from moemesh.protos.spec import ExpertFFN, ExpertKey, GLUKind, Segment, check_segments, describe_experts
 
 from .model import SUPPORTED_ACTIVATIONS
 from .weights import FFNWeights, WeightSource
@@ -37,6 +37,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
     "gelu_new": functools.partial(F.gelu, approximate="tanh"),  # same formula as transformers' NewGELU
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # transformers' ReLUSquaredActivation
 }
 assert set(_ACTIVATIONS) == set(SUPPORTED_ACTIVATIONS)
 
@@ -60,16 +61,60 @@ def ffn(x: torch.Tensor, w: FFNWeights, activation: str) -> torch.Tensor:
     return F.linear(act(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
 
 
+def glu_fn(spec: ExpertFFN) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[rows, 2I] (gate columns, then up columns) -> [rows, I], or [rows, I] -> act for a non-gated
+    expert: the middle of the expert FFN, as transformers' `_apply_gate` computes it."""
+    act = activation_fn(spec.activation)
+    if not spec.gated:
+        return act
+    kind, limit, alpha = spec.glu_kind, spec.limit, spec.alpha
+
+    def glu(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)  # [rows, I] each
+        if kind is GLUKind.GLU:
+            return act(gate) * up
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        if kind is GLUKind.CLAMPED_GLU:
+            return act(gate) * up
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))  # GPT_OSS
+
+    return glu
+
+
 @dataclass(frozen=True)
 class _Expert:
-    gate_up: torch.Tensor  # [2I, H]: gate rows, then up rows
+    gate_up: torch.Tensor  # [2I, H]: gate rows, then up rows; [I, H] (up only) when not gated
     down: torch.Tensor  # [H, I]
-    act: Callable[[torch.Tensor], torch.Tensor]
+    glu: Callable[[torch.Tensor], torch.Tensor]  # [rows, 2I] -> [rows, I] (glu_fn)
+    gate_up_bias: torch.Tensor | None = None  # [2I] or [I]
+    down_bias: torch.Tensor | None = None  # [H]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [rows, H] -> [rows, H]"""
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # [rows, I] each
-        return F.linear(self.act(gate) * up, self.down)
+        return F.linear(self.glu(F.linear(x, self.gate_up, self.gate_up_bias)), self.down, self.down_bias)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.gate_up, self.down, self.gate_up_bias, self.down_bias) if t is not None]
+
+
+def _fuse(
+    w: FFNWeights, spec: ExpertFFN, where: str, device, dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(gate_up [2I, H] or up [I, H], its bias or None) on device/dtype, checking what `spec` needs."""
+    if spec.gated != (w.gate is not None):
+        raise ValueError(
+            f"{where}: the layer's experts are {'' if spec.gated else 'not '}gated, the weights disagree"
+        )
+    if spec.bias != (w.up_bias is not None and w.down_bias is not None):
+        raise ValueError(
+            f"{where}: the layer's experts {'have' if spec.bias else 'have no'} biases, the weights disagree"
+        )
+    weights = [w.gate, w.up] if spec.gated else [w.up]
+    biases = [w.gate_bias, w.up_bias] if spec.gated else [w.up_bias]
+    fused = torch.cat([t.to(device, dtype) for t in weights], dim=0).contiguous()
+    bias = torch.cat([b.to(device, dtype) for b in biases]).contiguous() if spec.bias else None
+    return fused, bias
 
 
 class ExpertBank:
@@ -81,34 +126,43 @@ class ExpertBank:
     def __init__(
         self,
         weights: dict[ExpertKey, FFNWeights],
-        activation: str | dict[int, str],
+        activation: str | ExpertFFN | dict[int, str | ExpertFFN],
         device: torch.device,
         dtype: torch.dtype,
     ):
-        """weights: (layer, expert) -> FFNWeights; activation: one name, or one per layer held."""
+        """weights: (layer, expert) -> FFNWeights; activation: the expert math (an activation name
+        for SwiGLU-style experts, or an `ExpertFFN`), one for all or one per layer held."""
         self.device = torch.device(device)
         self.dtype = dtype
         self._experts: dict[ExpertKey, _Expert] = {}
         hidden_sizes = set()
         with torch.no_grad():
             for (layer, expert), w in sorted(weights.items()):
-                name = activation if isinstance(activation, str) else activation.get(layer)
-                if name is None:
+                spec = activation if isinstance(activation, (str, ExpertFFN)) else activation.get(layer)
+                if spec is None:
                     raise ValueError(
                         f"no activation given for layer {layer}; activation covers layers {sorted(activation)}"
                     )
-                inner, hidden = w.gate.shape
-                if tuple(w.up.shape) != (inner, hidden) or tuple(w.down.shape) != (hidden, inner):
+                spec = ExpertFFN(activation=spec) if isinstance(spec, str) else spec
+                inner, hidden = w.up.shape
+                shapes = [w.up.shape, w.down.shape] + ([] if w.gate is None else [w.gate.shape])
+                if any(
+                    tuple(s) != e for s, e in zip(shapes, [(inner, hidden), (hidden, inner), (inner, hidden)])
+                ):
                     raise ValueError(
-                        f"layer {layer} expert {expert}: gate {list(w.gate.shape)}, up {list(w.up.shape)}, "
-                        f"down {list(w.down.shape)} are not [I, H], [I, H], [H, I]"
+                        f"layer {layer} expert {expert}: gate {None if w.gate is None else list(w.gate.shape)}, "
+                        f"up {list(w.up.shape)}, down {list(w.down.shape)} are not [I, H], [I, H], [H, I]"
                     )
                 hidden_sizes.add(hidden)
-                gate_up = torch.cat([w.gate.to(self.device, dtype), w.up.to(self.device, dtype)], dim=0)
+                gate_up, gate_up_bias = _fuse(w, spec, f"layer {layer} expert {expert}", self.device, dtype)
                 self._experts[(layer, expert)] = _Expert(
-                    gate_up=gate_up.contiguous(),
+                    gate_up=gate_up,
                     down=w.down.to(self.device, dtype).contiguous(),
-                    act=activation_fn(name),
+                    glu=glu_fn(spec),
+                    gate_up_bias=gate_up_bias,
+                    down_bias=None
+                    if w.down_bias is None
+                    else w.down_bias.to(self.device, dtype).contiguous(),
                 )
         if len(hidden_sizes) > 1:
             raise ValueError(f"one bank holds one hidden size; got {sorted(hidden_sizes)}")
@@ -128,7 +182,7 @@ class ExpertBank:
         for layer, expert in wanted:
             # Move each expert to the device as it is read, so host memory holds one at a time.
             weights[(layer, expert)] = source.expert(layer, expert).to(device=device, dtype=dtype)
-        activations = {layer: source.spec.layer(layer).activation for layer, _ in wanted}
+        activations = {layer: source.spec.layer(layer).expert_ffn for layer, _ in wanted}
         return cls(weights, activations, device, dtype)
 
     @property
@@ -139,7 +193,7 @@ class ExpertBank:
     @property
     def nbytes(self) -> int:
         """Bytes of expert weights held on the device."""
-        return sum(t.numel() * t.element_size() for e in self._experts.values() for t in (e.gate_up, e.down))
+        return sum(t.numel() * t.element_size() for e in self._experts.values() for t in e.tensors())
 
     def holds(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._experts

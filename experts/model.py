@@ -3,6 +3,11 @@
 A `ModelSpec` (moemesh.protos.spec) is parsed once from a transformers-style `config.json` (or
 built by a preset) and passed everywhere else; nothing below re-reads the config.
 
+Any other family whose experts use transformers' experts interface is described by a
+`moemesh.json` next to its checkpoint (`spec_from_description`): written from the live model at
+offload time, it names each MoE layer's sizes, fused expert tensors and expert math; the caller
+routes (`Router.Dispatch`), so such a model has no router gate.
+
 Parsing follows the transformers implementation of each family (configuration defaults, which
 decoder layers are sparse, how the gate scores and normalises), without importing transformers.
 """
@@ -12,12 +17,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from moemesh.protos.spec import GateConfig, ModelSpec, MoELayerSpec, ScoreFunction, UnsupportedModel
+from moemesh.protos.spec import (
+    ExpertFFN,
+    GateConfig,
+    ModelSpec,
+    MoELayerSpec,
+    ScoreFunction,
+    UnsupportedModel,
+)
 
 SUPPORTED_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
 # transformers ACT2FN names that the expert FFN implements (experts/ffn.py maps them to torch).
-SUPPORTED_ACTIVATIONS: tuple[str, ...] = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+SUPPORTED_ACTIVATIONS: tuple[str, ...] = (
+    *("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu"),
+    "relu2",  # transformers' ReLUSquaredActivation (Nemotron-H's experts)
+)
+
+DESCRIPTION_FILE = "moemesh.json"  # a model described layer by layer (spec_from_description)
+DESCRIPTION_FORMAT = 1
 
 # Defaults of the transformers configuration classes (transformers 5.x), for keys a config.json
 # may leave out. Only the keys moemesh reads are listed.
@@ -216,3 +234,48 @@ def spec_from_config(config: Mapping[str, Any], name: str) -> ModelSpec:
         for i in indices
     )
     return ModelSpec(name=name, family=family, layers=layers)
+
+
+def spec_from_description(description: Mapping[str, Any], name: str) -> ModelSpec:
+    """Parse a `moemesh.json` description (format 1):
+
+        {"format": 1, "family": "gpt_oss", "layers": [{"layer": 0, "hidden_size": H,
+         "intermediate_size": I, "num_experts": E, "top_k": K, "experts_tensors": "model.layers.0.mlp.experts",
+         "ffn": {ExpertFFN fields}}, ...]}
+
+    The layers have no router gate (`router_gate=False`): their callers route.
+    """
+    if description.get("format") != DESCRIPTION_FORMAT:
+        raise ValueError(
+            f"{name}: {DESCRIPTION_FILE} format {description.get('format')!r} is not {DESCRIPTION_FORMAT}"
+        )
+    layers = []
+    for i, entry in enumerate(description.get("layers") or ()):
+        try:
+            ffn = ExpertFFN(**entry["ffn"])
+            if ffn.activation not in SUPPORTED_ACTIVATIONS:
+                raise UnsupportedModel(
+                    f"activation {ffn.activation!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+                )
+            num_experts = int(entry["num_experts"])
+            layers.append(
+                MoELayerSpec(
+                    layer=int(entry["layer"]),
+                    hidden_size=int(entry["hidden_size"]),
+                    intermediate_size=int(entry["intermediate_size"]),
+                    activation=ffn.activation,
+                    gate=GateConfig(
+                        num_experts=num_experts, top_k=min(int(entry.get("top_k", 1)), num_experts)
+                    ),
+                    ffn=ffn,
+                    router_gate=False,
+                    experts_tensors=str(entry["experts_tensors"]),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise type(err)(f"{name}: {DESCRIPTION_FILE} layers[{i}]: {err}") from None
+    if not layers:
+        raise UnsupportedModel(f"{name}: {DESCRIPTION_FILE} declares no MoE layers; nothing to serve")
+    if len({ls.layer for ls in layers}) != len(layers):
+        raise ValueError(f"{name}: {DESCRIPTION_FILE} repeats a layer index: {[ls.layer for ls in layers]}")
+    return ModelSpec(name=name, family=str(description.get("family", "")), layers=tuple(layers))

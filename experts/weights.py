@@ -11,6 +11,9 @@ neither ever materialises the whole model.
   in `model.safetensors.index.json`) in the layout `save_pretrained` writes: one tensor per
   expert projection. The fused layout (`experts.gate_up_proj: [E, 2I, H]`,
   `experts.down_proj: [E, H, I]`) is read too, slicing out one expert without reading the rest.
+- A directory with a `moemesh.json` (experts/model.py) is read by its description instead: each
+  layer names its fused tensors (`{prefix}.gate_up_proj` or `.up_proj`, `.down_proj`, `_bias`
+  variants) and their layout (interleaved gate/up, transposed), undone per expert on read.
 """
 
 from __future__ import annotations
@@ -28,28 +31,45 @@ from safetensors import safe_open
 
 from moemesh.protos.spec import ModelSpec
 
-from .model import spec_from_config
+from .model import DESCRIPTION_FILE, spec_from_config, spec_from_description
 from .presets import PRESETS, preset_config
 
 
 @dataclass(frozen=True)
 class FFNWeights:
-    """One SwiGLU FFN: out = down(act(gate(x)) * up(x)).
+    """One expert FFN: out = down(glu(gate(x), up(x))), or down(act(up(x))) when `gate` is None.
 
-    gate: [intermediate, hidden]; up: [intermediate, hidden]; down: [hidden, intermediate]
+    gate: [intermediate, hidden] or None; up: [intermediate, hidden]; down: [hidden, intermediate];
+    biases (experts with `ExpertFFN.bias`): gate_bias / up_bias [intermediate], down_bias [hidden].
     """
 
-    gate: torch.Tensor
+    gate: torch.Tensor | None
     up: torch.Tensor
     down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors that are present."""
+        return [
+            t
+            for t in (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias)
+            if t is not None
+        ]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FFNWeights:
         """The same weights on `device` / in `dtype` (no copy where nothing changes)."""
-        return FFNWeights(*(t.to(device=device, dtype=dtype) for t in (self.gate, self.up, self.down)))
+        return FFNWeights(
+            *(
+                None if t is None else t.to(device=device, dtype=dtype)
+                for t in (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias)
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -254,13 +274,18 @@ class CheckpointSource:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         config_path = self.directory / "config.json"
-        if not config_path.is_file():
+        description_path = self.directory / DESCRIPTION_FILE
+        if description_path.is_file():
+            with open(description_path, encoding="utf-8") as fh:
+                self.spec: ModelSpec = spec_from_description(json.load(fh), str(directory))
+        elif not config_path.is_file():
             raise FileNotFoundError(
                 f"{directory}: no config.json; a checkpoint directory needs config.json + *.safetensors"
             )
-        with open(config_path, encoding="utf-8") as fh:
-            config = json.load(fh)
-        self.spec: ModelSpec = spec_from_config(config, str(directory))
+        else:
+            with open(config_path, encoding="utf-8") as fh:
+                config = json.load(fh)
+            self.spec = spec_from_config(config, str(directory))
         self._files = self._build_index()
         self._handles: dict[Path, Any] = {}
         self._lock = threading.Lock()
@@ -327,6 +352,9 @@ class CheckpointSource:
         """Expert `expert` of layer `layer`: gate/up [I, H], down [H, I]; stored dtype unless `dtype`."""
         spec = self.spec.layer(layer)
         _check_expert(self.spec, layer, expert)
+        if spec.experts_tensors:
+            w = self._described_expert(spec, expert)
+            return w if dtype is None else w.to(dtype=dtype)
         hidden, inner, num = spec.hidden_size, spec.intermediate_size, spec.num_experts
         for gate, up, down in _expert_names(self.spec.family, layer, expert):
             if gate in self._files:
@@ -352,9 +380,38 @@ class CheckpointSource:
             f"(nor the fused {fused_name!r}); layer {layer} expert {expert} cannot be read"
         )
 
+    def _described_expert(self, spec, expert: int) -> FFNWeights:
+        """One expert of a layer described by `moemesh.json`: slices of its fused tensors, in the
+        canonical layout (gate/up [I, H], down [H, I], biases [I] / [H])."""
+        ffn, prefix = spec.expert_ffn, spec.experts_tensors
+        hidden, inner, num = spec.hidden_size, spec.intermediate_size, spec.num_experts
+        width = 2 * inner if ffn.gated else inner  # rows of the (gate_)up projection
+        first = f"{prefix}.gate_up_proj" if ffn.gated else f"{prefix}.up_proj"
+        stored = (num, hidden, width) if ffn.transposed else (num, width, hidden)
+        up = self._read_expert_slice(first, expert, stored)
+        up = up.t() if ffn.transposed else up  # [width, H]
+        down_stored = (num, inner, hidden) if ffn.transposed else (num, hidden, inner)
+        down = self._read_expert_slice(f"{prefix}.down_proj", expert, down_stored)
+        down = down.t() if ffn.transposed else down  # [H, I]
+        up_bias = down_bias = None
+        if ffn.bias:
+            up_bias = self._read_expert_slice(f"{first}_bias", expert, (num, width))  # [width]
+            down_bias = self._read_expert_slice(f"{prefix}.down_proj_bias", expert, (num, hidden))  # [H]
+        if not ffn.gated:
+            return FFNWeights(None, up.contiguous(), down.contiguous(), None, up_bias, down_bias)
+        # interleaved rows: gate0, up0, gate1, up1, ...; else gate rows, then up rows
+        split = (lambda t: (t[0::2], t[1::2])) if ffn.interleaved else (lambda t: (t[:inner], t[inner:]))
+        gate, up = (t.contiguous() for t in split(up))
+        gate_bias, up_bias = split(up_bias) if ffn.bias else (None, None)
+        return FFNWeights(gate, up, down.contiguous(), gate_bias, up_bias, down_bias)
+
     def gate(self, layer: int, dtype: torch.dtype | None = None) -> GateWeights:
         """Router weight [E, H], plus the family's selection bias [E] / shared expert / shared gate [1, H]."""
         spec = self.spec.layer(layer)
+        if not spec.router_gate:
+            raise LookupError(
+                f"{self.directory}: layer {layer} has no router gate; its callers route (Dispatch)"
+            )
         names = _gate_names(self.spec.family, layer)
         hidden, num = spec.hidden_size, spec.num_experts
         # Mixtral gates may live under either block prefix, like its experts.

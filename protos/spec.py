@@ -10,6 +10,7 @@
     DTYPES / parse_dtype      the tensor dtypes moemesh computes and sends, by name and wire code
     GateConfig                the trained routing of one MoE layer (checked once, here)
     RoutingPolicy, Routing    a per-request override, and the gate's decision
+    ExpertFFN                 the math of one routed expert (gated or not, biases, activation, gate kind)
     MoELayerSpec, ModelSpec   what a model's sparse layers look like
     HostInfo, LayerInfo, Topology   what a router serves, as hosts and clients see it
     format_experts / parse_experts / describe_experts   expert sets as text
@@ -234,6 +235,44 @@ def is_real(value: object) -> bool:
 # -- models ------------------------------------------------------------------------------------------
 
 
+class GLUKind(str, Enum):
+    """How a gated expert combines its gate and up projections (transformers' `_apply_gate`)."""
+
+    GLU = "glu"  # act(gate) * up (transformers' default)
+    CLAMPED_GLU = "clamped_glu"  # act(min(gate, limit)) * clamp(up, -limit, limit) (DeepSeek-V4)
+    GPT_OSS = "gpt_oss"  # g = min(gate, limit); g * sigmoid(alpha * g) * (clamp(up, -limit, limit) + 1)
+
+
+@dataclass(frozen=True)
+class ExpertFFN:
+    """The math of one routed expert, as transformers' experts interface describes it.
+
+        gated:     out = down(glu(gate(x), up(x)))       glu: `glu_kind`, with `activation`
+        not gated: out = down(act(up(x)))                (`has_gate=False`)
+
+    Each projection adds its bias when `bias`. The last three fields say how a checkpoint stores the
+    fused tensors (`gate_up_proj: [E, 2I, H]`, `down_proj: [E, H, I]`): `interleaved` gate/up rows
+    (gate0, up0, gate1, ...) rather than gate rows then up rows, and `transposed` ([E, H, 2I],
+    [E, I, H]); loading undoes both, so the compute never sees them.
+    """
+
+    activation: str = "silu"  # transformers ACT2FN name
+    gated: bool = True
+    bias: bool = False
+    glu_kind: GLUKind = GLUKind.GLU
+    alpha: float = 1.702  # GPT_OSS only
+    limit: float = 7.0  # CLAMPED_GLU and GPT_OSS only
+    interleaved: bool = False
+    transposed: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "glu_kind", GLUKind(self.glu_kind))
+        if not self.gated and self.glu_kind is not GLUKind.GLU:
+            raise ValueError(f"glu_kind={self.glu_kind.value} needs a gated expert (gated=True)")
+        if not (is_real(self.alpha) and is_real(self.limit) and self.limit > 0):
+            raise ValueError(f"alpha and limit must be finite (limit > 0), got {self.alpha}, {self.limit}")
+
+
 @dataclass(frozen=True)
 class MoELayerSpec:
     """One sparse MoE block."""
@@ -245,10 +284,21 @@ class MoELayerSpec:
     gate: GateConfig
     shared_intermediate_size: int = 0  # 0 = no shared expert
     shared_gated: bool = False  # Qwen2-MoE: sigmoid(x @ shared_expert_gate) scales the shared expert
+    ffn: ExpertFFN | None = None  # None: SwiGLU-style act(gate) * up with `activation`, no biases
+    # False: the router holds no gate for this layer (the caller routes; Dispatch only, no Forward).
+    router_gate: bool = True
+    # Where the checkpoint keeps this layer's fused experts ("model.layers.3.mlp.experts"); "" = the
+    # family's own tensor names.
+    experts_tensors: str = ""
 
     @property
     def num_experts(self) -> int:
         return self.gate.num_experts
+
+    @property
+    def expert_ffn(self) -> ExpertFFN:
+        """The expert math of this layer (`ffn`, or the family default from `activation`)."""
+        return self.ffn if self.ffn is not None else ExpertFFN(activation=self.activation)
 
 
 @dataclass(frozen=True)
@@ -256,7 +306,7 @@ class ModelSpec:
     """All sparse layers of a model."""
 
     name: str
-    family: str  # "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "deepseek_v3"
+    family: str  # transformers model_type: "mixtral", "qwen2_moe", ..., "gpt_oss"
     layers: tuple[MoELayerSpec, ...]
 
     def layer(self, index: int) -> MoELayerSpec:

@@ -72,14 +72,15 @@ class ExpertTransport(Protocol):
 class MoELayer:
     """What the router holds for one layer.
 
-    gate_weight: [experts, hidden]; correction_bias: [experts] or None;
+    gate_weight: [experts, hidden], or None when the layer's callers route (Dispatch only);
+    correction_bias: [experts] or None;
     shared: hidden [tokens, hidden] -> [tokens, hidden], the (already gated) shared experts, or None
     """
 
     layer: int
     hidden_size: int
     gate: GateConfig
-    gate_weight: torch.Tensor
+    gate_weight: torch.Tensor | None
     correction_bias: torch.Tensor | None = None
     shared: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -201,6 +202,10 @@ class SparseMoE:
     def gate(self, layer: int, hidden: torch.Tensor, policy: RoutingPolicy | None = None) -> Routing:
         """hidden: [tokens, hidden] -> the routing decision (sync, runs torch)."""
         spec = self.layers[layer]
+        if spec.gate_weight is None:
+            raise InvalidArgument(
+                "layer", f"layer {layer} has no router gate: its model routes in the caller; use Dispatch"
+            )
         return route(hidden, spec.gate_weight, spec.gate, policy, spec.correction_bias)
 
     async def forward(

@@ -133,6 +133,11 @@ def build_layers(source: WeightSource) -> dict[int, MoELayer]:
     """Gates (and shared experts) of every MoE layer, on CPU in the checkpoint's precision."""
     layers = {}
     for ls in source.spec.layers:
+        if not ls.router_gate:  # the caller routes (Dispatch); Forward and Route are refused
+            layers[ls.layer] = MoELayer(
+                layer=ls.layer, hidden_size=ls.hidden_size, gate=ls.gate, gate_weight=None
+            )
+            continue
         gw = source.gate(ls.layer)
         layers[ls.layer] = MoELayer(
             layer=ls.layer,
