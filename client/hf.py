@@ -19,9 +19,31 @@ from .remote import RemoteMoE
 BLOCK_ATTR = "mlp"  # where every supported family keeps the sparse block of a decoder layer
 
 
-class RemoteExperts:
-    """The model's sparse blocks swapped for `RemoteMoE`s; `close()` (or leaving the `with`) puts
-    the original blocks back, so the model runs locally again."""
+class ModelOnMesh:
+    """What a model integration shares: its client, and `restore()` on `close()` (or on leaving the
+    `with`), after which the model runs locally again."""
+
+    client: Client
+
+    @property
+    def address(self) -> str:
+        return self.client.address
+
+    def restore(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.restore()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RemoteExperts(ModelOnMesh):
+    """The model's sparse blocks swapped for `RemoteMoE`s (the router's gate, `Forward`)."""
 
     def __init__(self, model: nn.Module, client: Client, policy: RoutingPolicy | None = None):
         topology = client.topology()
@@ -43,24 +65,11 @@ class RemoteExperts:
             setattr(decoder[index], BLOCK_ATTR, RemoteMoE(client, index, policy))
         self._decoder = decoder
 
-    @property
-    def address(self) -> str:
-        return self.client.address
-
     def restore(self) -> None:
         """Put the model's own sparse blocks back (idempotent)."""
         for index, block in self._originals.items():
             setattr(self._decoder[index], BLOCK_ATTR, block)
         self._originals.clear()
-
-    def close(self) -> None:
-        self.restore()
-
-    def __enter__(self) -> RemoteExperts:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:

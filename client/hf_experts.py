@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .client import Client
+from .hf import ModelOnMesh
 
 IMPLEMENTATION = "moemesh"
 _TARGET = "_moemesh_target"  # the attribute that points an experts module at its layer
@@ -73,7 +74,7 @@ def _configs(model: nn.Module, modules) -> list:
     return list(found.values())
 
 
-class RoutedExperts:
+class RoutedExperts(ModelOnMesh):
     """The model's experts modules running on the mesh through `Dispatch`, until `close()`.
 
     experts: {decoder layer index: experts module}; each layer must be served by `client`'s router.
@@ -95,10 +96,6 @@ class RoutedExperts:
         for config in self._configs:
             config._experts_implementation = IMPLEMENTATION
 
-    @property
-    def address(self) -> str:
-        return self.client.address
-
     def restore(self) -> None:
         """Give the model its own experts implementation back (idempotent)."""
         # Parents first: a parent's setter also sets its sub-configs, which then get their own back.
@@ -108,12 +105,3 @@ class RoutedExperts:
             if hasattr(module, _TARGET):
                 delattr(module, _TARGET)
         self._configs, self._saved, self._experts = [], [], {}
-
-    def close(self) -> None:
-        self.restore()
-
-    def __enter__(self) -> RoutedExperts:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

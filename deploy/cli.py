@@ -35,7 +35,17 @@ from moemesh.services.bootstrap import RunningServer
 from moemesh.services.telemetry import HOST_ATTRIBUTE, TelemetryConfig, configure_tracing, start_telemetry
 
 from .backend import Backend
-from .cli_args import device_args, limit_args, limits, metrics_arg, model_args, server_config, threads_arg
+from .cli_args import (
+    device_args,
+    limit_args,
+    limits,
+    mesh_config,
+    metrics_arg,
+    model_args,
+    otel_env,
+    server_config,
+    threads_arg,
+)
 
 
 def _write_ready(path: str | None, info: dict) -> None:
@@ -128,61 +138,6 @@ def _print_metrics(telemetry) -> None:
         print(f"metrics on {telemetry.metrics_server.url}", flush=True)
 
 
-def parse_devices(text: str) -> dict[str, float]:
-    """ "H100:1,A100-80G:2,CPU:3" -> Ray resources {"device:H100": 1, ...} for an embedded instance."""
-    from .discovery import DEVICE_RESOURCE_PREFIX
-
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, count = part.rpartition(":")
-        if not sep or not name or not count.isdigit() or int(count) < 1:
-            raise ValueError(f"--devices: expected ACCELERATOR:COUNT[,...], got {part!r}")
-        out[DEVICE_RESOURCE_PREFIX + name] = float(count)
-    if not out:
-        raise ValueError("--devices: no devices given")
-    return out
-
-
-def _otel_env() -> dict[str, str]:
-    """The standard OTEL_* settings of this process, for the actors it starts to report alike."""
-    return {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
-
-
-def _mesh_config(args: argparse.Namespace):
-    """The typed config of `moemesh up`, for the chosen backend (Ray adds its own settings)."""
-    from .backend import Backend, MeshConfig
-
-    common = {
-        "model": args.model,
-        "num_hosts": args.hosts,
-        "device": args.device,
-        "dtype": args.dtype,
-        "router_port": args.port,
-        "max_message_bytes": args.max_message_mb * 1024 * 1024,
-        "metrics_port": args.metrics_port,
-        "replicas": args.replicas,
-        "env": _otel_env(),
-        "host_limits": limits(HostLimits, args),
-        "router_limits": limits(RouterLimits, args),
-        "max_concurrent_rpcs": args.max_concurrent_rpcs or None,
-    }
-    if Backend(args.backend) is not Backend.RAY:
-        return MeshConfig(host=args.host, **common)
-
-    from .cluster import load_accelerator_overrides
-    from .ray_mesh import RayMeshConfig
-
-    embedded = args.address is None
-    return RayMeshConfig(
-        address=args.address,
-        num_cpus=(os.cpu_count() or 1) if embedded else None,
-        resources=parse_devices(args.devices or f"CPU:{args.hosts}") if embedded else {},
-        max_restarts=args.max_restarts,
-        accelerators=load_accelerator_overrides(args.accelerators) if args.accelerators else {},
-        **common,
-    )
-
-
 def _wait_for_stop(still_up=lambda: True) -> None:
     """Block until SIGINT/SIGTERM, or until `still_up()` turns false (e.g. `moemesh down`)."""
     stop = threading.Event()
@@ -200,7 +155,7 @@ def _up(args: argparse.Namespace) -> int:
 
     say = lambda m: print(f"  {m}", flush=True)  # noqa: E731
     configure_tracing("moemesh-cli")  # this process's own calls; the servers configure their own
-    mesh = make_backend(args.backend, _mesh_config(args), on_event=say).start()
+    mesh = make_backend(args.backend, mesh_config(args), on_event=say).start()
     try:
         with Client(mesh.address) as client:
             print_topology(client.topology())
@@ -258,7 +213,7 @@ def _demo(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device=args.device,
             seed=args.seed,
-            env=_otel_env(),
+            env=otel_env(),
         )
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from moemesh.experts.weights import PRESETS
 from moemesh.protos.spec import FLOAT_DTYPES
@@ -91,4 +92,59 @@ def device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda[:N], xpu, mps or auto (default: auto)")
     p.add_argument(
         "--dtype", default="float32", choices=FLOAT_DTYPES, help="expert compute dtype (default: float32)"
+    )
+
+
+def parse_devices(text: str) -> dict[str, float]:
+    """ "H100:1,A100-80G:2,CPU:3" -> Ray resources {"device:H100": 1, ...} for an embedded instance."""
+    from .discovery import DEVICE_RESOURCE_PREFIX
+
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, count = part.rpartition(":")
+        if not sep or not name or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--devices: expected ACCELERATOR:COUNT[,...], got {part!r}")
+        out[DEVICE_RESOURCE_PREFIX + name] = float(count)
+    if not out:
+        raise ValueError("--devices: no devices given")
+    return out
+
+
+def otel_env() -> dict[str, str]:
+    """The standard OTEL_* settings of this process, for the actors it starts to report alike."""
+    return {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
+
+
+def mesh_config(args: argparse.Namespace):
+    """The typed config of `moemesh up`, for the chosen backend (Ray adds its own settings)."""
+    from .backend import Backend, MeshConfig
+
+    common = {
+        "model": args.model,
+        "num_hosts": args.hosts,
+        "device": args.device,
+        "dtype": args.dtype,
+        "router_port": args.port,
+        "max_message_bytes": args.max_message_mb * 1024 * 1024,
+        "metrics_port": args.metrics_port,
+        "replicas": args.replicas,
+        "env": otel_env(),
+        "host_limits": limits(HostLimits, args),
+        "router_limits": limits(RouterLimits, args),
+        "max_concurrent_rpcs": args.max_concurrent_rpcs or None,
+    }
+    if Backend(args.backend) is not Backend.RAY:
+        return MeshConfig(host=args.host, **common)
+
+    from .cluster import load_accelerator_overrides
+    from .ray_mesh import RayMeshConfig
+
+    embedded = args.address is None
+    return RayMeshConfig(
+        address=args.address,
+        num_cpus=(os.cpu_count() or 1) if embedded else None,
+        resources=parse_devices(args.devices or f"CPU:{args.hosts}") if embedded else {},
+        max_restarts=args.max_restarts,
+        accelerators=load_accelerator_overrides(args.accelerators) if args.accelerators else {},
+        **common,
     )

@@ -30,12 +30,29 @@ from .describe import describe_experts, write_experts_checkpoint
 from .local import EmbeddedMesh, MeshConfig
 
 
-class _Owned:
-    """What an offload owns besides the model integration: its client, mesh and checkpoint."""
+class Offloaded:
+    """An offload: the model integration (`RemoteExperts` or `RoutedExperts`) plus what it owns,
+    its client, embedded mesh and checkpoint. The integration's attributes (`layers`, `client`,
+    `address`) read through; `close()` gives the model back, then stops the rest."""
 
-    def _own(self, mesh, tmp) -> None:
-        self.mesh = mesh
-        self._tmp = tmp
+    def __init__(self, integrate, client: Client, mesh=None, tmp=None):
+        self.client, self.mesh, self._tmp = client, mesh, tmp
+        try:
+            self.integration = integrate(client)
+        except BaseException:
+            self._release()
+            raise
+
+    def __getattr__(self, name: str):
+        if name == "integration":  # not set yet: the integration failed
+            raise AttributeError(name)
+        return getattr(self.integration, name)
+
+    def close(self) -> None:
+        try:
+            self.integration.close()
+        finally:
+            self._release()
 
     def _release(self) -> None:
         self.client.close()
@@ -46,38 +63,11 @@ class _Owned:
             self._tmp.cleanup()
             self._tmp = None
 
+    def __enter__(self) -> Offloaded:
+        return self
 
-class OffloadedExperts(_Owned, RemoteExperts):
-    """`RemoteExperts` (blocks swapped for `RemoteMoE`) that also owns its client, mesh and checkpoint."""
-
-    def __init__(self, model, client, policy, mesh=None, tmp=None):
-        try:
-            RemoteExperts.__init__(self, model, client, policy)
-        except BaseException:
-            client.close()
-            raise
-        self._own(mesh, tmp)
-
-    def close(self) -> None:
-        super().close()
-        self._release()
-
-
-class OffloadedRoutedExperts(_Owned, RoutedExperts):
-    """`RoutedExperts` (the experts interface through `Dispatch`) that also owns its client, mesh
-    and checkpoint."""
-
-    def __init__(self, model, client, experts, mesh=None, tmp=None):
-        try:
-            RoutedExperts.__init__(self, model, client, experts)
-        except BaseException:
-            client.close()
-            raise
-        self._own(mesh, tmp)
-
-    def close(self) -> None:
-        super().close()
-        self._release()
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _start(write, num_hosts: int, device: str, dtype: str):
@@ -100,7 +90,7 @@ def offload_experts(
     dtype: str = "float32",
     policy: RoutingPolicy | None = None,
     timeout: float | None = 60.0,
-) -> OffloadedExperts | OffloadedRoutedExperts:
+) -> Offloaded:
     """Run the experts of `model` on a mesh, in place, until `close()`.
 
     With no `address`, the model's own weights are written to a temporary checkpoint and an
@@ -115,7 +105,9 @@ def offload_experts(
         if address is None:
             tmp, mesh = _start(model.save_pretrained, num_hosts, device, dtype)
             address = mesh.address
-        return OffloadedExperts(model, Client(address, timeout=timeout), policy, mesh, tmp)
+        return Offloaded(
+            lambda c: RemoteExperts(model, c, policy), Client(address, timeout=timeout), mesh, tmp
+        )
     if policy is not None:
         raise ValueError(
             f"policy: {config.model_type} models route in the caller; a routing policy does not apply"
@@ -125,4 +117,5 @@ def offload_experts(
     if address is None:
         tmp, mesh = _start(lambda d: write_experts_checkpoint(described, d, config), num_hosts, device, dtype)
         address = mesh.address
-    return OffloadedRoutedExperts(model, Client(address, timeout=timeout), described.experts, mesh, tmp)
+    client = Client(address, timeout=timeout)
+    return Offloaded(lambda c: RoutedExperts(model, c, described.experts), client, mesh, tmp)

@@ -153,7 +153,8 @@ def _out_hidden(reply: pb.ForwardResponse) -> torch.Tensor:
 
 
 def test_cli_limits_reach_every_server_config():
-    from moemesh.deploy.cli import _mesh_config, build_parser
+    from moemesh.deploy.cli import build_parser
+    from moemesh.deploy.cli_args import mesh_config as _mesh_config
     from moemesh.deploy.local import ProcessSpec, host_configs, router_config
 
     args = build_parser().parse_args(
@@ -174,7 +175,8 @@ def test_cli_limits_reach_every_server_config():
 
 
 def test_cli_defaults_are_the_documented_ones():
-    from moemesh.deploy.cli import _mesh_config, build_parser
+    from moemesh.deploy.cli import build_parser
+    from moemesh.deploy.cli_args import mesh_config as _mesh_config
 
     config = _mesh_config(build_parser().parse_args(["up", "--backend", "embedded"]))
     assert (config.host_limits, config.router_limits) == (HostLimits(), RouterLimits())
