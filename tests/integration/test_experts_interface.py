@@ -11,6 +11,7 @@ and the supported set plus `NOT_SUPPORTED` (with the reason) must cover them exa
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,29 @@ def test_a_dispatch_only_router_refuses_forward_naming_the_layer():
             remote.client.forward(torch.zeros(2, model.config.hidden_size), layer)
         with pytest.raises(ValueError, match="policy"):
             offload_experts(model, policy=object())
+
+
+def families_table() -> str:
+    """The README's table of supported families, from the sets this file proves (`make families`)."""
+    from moemesh.experts.model import SUPPORTED_FAMILIES
+
+    forward = ", ".join(sorted(SUPPORTED_FAMILIES))
+    routed = ", ".join(sorted(SUPPORTED - set(SUPPORTED_FAMILIES)))
+    return "\n".join(
+        [
+            "| path | families |",
+            "| --- | --- |",
+            f"| `Forward` (the router's gate and shared experts; `RemoteMoE` blocks) | {forward} |",
+            "| `Dispatch` (the model's own routers run locally; the `moemesh` experts implementation "
+            f"of transformers' experts interface) | {routed} |",
+        ]
+    )
+
+
+def test_the_readme_table_is_the_proven_set():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert families_table() in readme, "README's families table drifted: paste `make families` output"
+
+
+if __name__ == "__main__":
+    print(families_table())
