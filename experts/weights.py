@@ -31,6 +31,7 @@ from safetensors import safe_open
 
 from moemesh.protos.spec import ModelSpec
 
+from . import fp8
 from .model import DESCRIPTION_FILE, spec_from_config, spec_from_description
 from .presets import PRESETS, preset_config
 
@@ -268,13 +269,14 @@ class CheckpointSource:
     The map tensor name -> shard file is built once (from `model.safetensors.index.json`, or from
     the headers of the `*.safetensors` files); each read opens (memory-maps) only the shard that
     holds the tensor and reads only that tensor, or one expert's slice of a fused tensor.
-    Tensors come back as stored (dtype and all) unless `dtype=` is given.
+    Tensors come back as stored (dtype and all), FP8 ones dequantized (fp8.py), unless `dtype=`.
     """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         config_path = self.directory / "config.json"
         description_path = self.directory / DESCRIPTION_FILE
+        self._fp8_block = fp8.DEFAULT_BLOCK
         if description_path.is_file():
             with open(description_path, encoding="utf-8") as fh:
                 self.spec: ModelSpec = spec_from_description(json.load(fh), str(directory))
@@ -286,6 +288,7 @@ class CheckpointSource:
             with open(config_path, encoding="utf-8") as fh:
                 config = json.load(fh)
             self.spec = spec_from_config(config, str(directory))
+            self._fp8_block = fp8.block_size(config)
         self._files = self._build_index()
         self._handles: dict[Path, Any] = {}
         self._lock = threading.Lock()
@@ -340,39 +343,46 @@ class CheckpointSource:
     def _read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         tensor = self._handle(name).get_tensor(name)
         _check_shape(name, tensor, shape, str(self.directory))
-        return tensor
+        return self._dequantized(name, tensor)
 
     def _read_expert_slice(self, name: str, expert: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Row `expert` of a fused [E, ...] tensor, reading only that row."""
         view = self._handle(name).get_slice(name)
         _check_shape(name, tuple(view.get_shape()), shape, str(self.directory))
-        return view[expert]
+        return self._dequantized(name, view[expert], expert)
+
+    def _dequantized(self, name: str, tensor: torch.Tensor, row: int | None = None) -> torch.Tensor:
+        """`tensor` (all of `name`, or its row `row`) as stored; FP8 ones times their scales (fp8.py)."""
+        scale = fp8.scale_name(name)
+        scales = self._handle(scale).get_slice(scale) if scale in self._files else None
+        return fp8.dequantize(name, tensor, scales, row, self._fp8_block, str(self.directory))
 
     def expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> FFNWeights:
         """Expert `expert` of layer `layer`: gate/up [I, H], down [H, I]; stored dtype unless `dtype`."""
+        w = self._stored_expert(layer, expert)
+        return w if dtype is None else w.to(dtype=dtype)
+
+    def _stored_expert(self, layer: int, expert: int) -> FFNWeights:
         spec = self.spec.layer(layer)
         _check_expert(self.spec, layer, expert)
         if spec.experts_tensors:
-            w = self._described_expert(spec, expert)
-            return w if dtype is None else w.to(dtype=dtype)
+            return self._described_expert(spec, expert)
         hidden, inner, num = spec.hidden_size, spec.intermediate_size, spec.num_experts
         for gate, up, down in _expert_names(self.spec.family, layer, expert):
             if gate in self._files:
-                w = FFNWeights(
+                return FFNWeights(
                     gate=self._read(gate, (inner, hidden)),
                     up=self._read(up, (inner, hidden)),
                     down=self._read(down, (hidden, inner)),
                 )
-                return w if dtype is None else w.to(dtype=dtype)
         for gate_up, down in _fused_names(self.spec.family, layer):
             if gate_up in self._files:
                 fused = self._read_expert_slice(gate_up, expert, (num, 2 * inner, hidden))  # [2I, H]
-                w = FFNWeights(
+                return FFNWeights(
                     gate=fused[:inner],  # gate rows first, then up (transformers' chunk(2))
                     up=fused[inner:],
                     down=self._read_expert_slice(down, expert, (num, hidden, inner)),
                 )
-                return w if dtype is None else w.to(dtype=dtype)
         per_expert = _expert_names(self.spec.family, layer, expert)[0][0]
         fused_name = _fused_names(self.spec.family, layer)[0][0]
         raise MissingTensor(
