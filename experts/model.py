@@ -26,7 +26,16 @@ from moemesh.protos.spec import (
     UnsupportedModel,
 )
 
-SUPPORTED_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+SUPPORTED_FAMILIES: tuple[str, ...] = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v3",
+    "glm4_moe",
+)
+# Families with DeepSeek-V3's router (sigmoid, selection bias, groups) and fused shared experts.
+_DEEPSEEK_V3_LIKE: tuple[str, ...] = ("deepseek_v3", "glm4_moe")
 
 # transformers ACT2FN names that the expert FFN implements (experts/ffn.py maps them to torch).
 SUPPORTED_ACTIVATIONS: tuple[str, ...] = (
@@ -95,6 +104,20 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": True,
         "moe_layer_freq": 1,  # original DeepSeek config key; transformers treats every layer as 1
     },
+    "glm4_moe": {
+        "hidden_size": 4096,
+        "moe_intermediate_size": 1408,
+        "num_hidden_layers": 46,
+        "hidden_act": "silu",
+        "n_shared_experts": 1,
+        "n_routed_experts": 128,
+        "routed_scaling_factor": 1.0,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_experts_per_tok": 8,
+        "first_k_dense_replace": 1,
+        "norm_topk_prob": True,
+    },
 }
 
 # transformers `attribute_map` aliases: a config.json may carry either spelling.
@@ -104,6 +127,7 @@ _NUM_EXPERTS_KEYS: dict[str, tuple[str, ...]] = {
     "qwen3_moe": ("num_experts", "num_local_experts"),
     "olmoe": ("num_experts", "num_local_experts"),
     "deepseek_v3": ("n_routed_experts", "num_local_experts"),
+    "glm4_moe": ("n_routed_experts", "num_local_experts"),
 }
 
 
@@ -154,6 +178,10 @@ def _sparse_layers(cfg: _Config, num_layers: int) -> list[int]:
         first_dense = cfg.non_negative_int("first_k_dense_replace")
         freq = cfg.positive_int("moe_layer_freq")
         return [i for i in range(num_layers) if i >= first_dense and i % freq == 0]
+    if family == "glm4_moe":
+        # Glm4MoeDecoderLayer: idx >= first_k_dense_replace
+        first_dense = cfg.non_negative_int("first_k_dense_replace")
+        return [i for i in range(num_layers) if i >= first_dense]
     raise AssertionError(family)
 
 
@@ -166,7 +194,7 @@ def _gate(cfg: _Config, num_experts: int) -> GateConfig:
         fields: dict[str, Any] = {"norm_topk_prob": True}
     elif family in ("qwen2_moe", "qwen3_moe", "olmoe"):
         fields = {"norm_topk_prob": bool(cfg.get("norm_topk_prob"))}
-    else:  # deepseek_v3: sigmoid scores, selection bias, group-limited top-k, scaled weights.
+    else:  # deepseek_v3, glm4_moe: sigmoid scores, selection bias, group-limited top-k, scaled weights.
         scaling = cfg.get("routed_scaling_factor")
         fields = {
             "score_function": ScoreFunction.SIGMOID,
@@ -187,8 +215,8 @@ def _shared(cfg: _Config) -> tuple[int, bool]:
     if cfg.family == "qwen2_moe":
         size = cfg.non_negative_int("shared_expert_intermediate_size")
         return size, size > 0
-    if cfg.family == "deepseek_v3":
-        # DeepseekV3MoE fuses all shared experts into one MLP of n_shared_experts * moe_intermediate_size.
+    if cfg.family in _DEEPSEEK_V3_LIKE:
+        # DeepseekV3MoE / Glm4MoeMoE fuse all shared experts into one MLP of n_shared_experts * moe_intermediate_size.
         return cfg.non_negative_int("n_shared_experts") * cfg.positive_int("moe_intermediate_size"), False
     return 0, False
 

@@ -118,6 +118,7 @@ _BLOCK_PREFIXES: dict[str, tuple[str, ...]] = {
     "qwen3_moe": ("model.layers.{layer}.mlp",),
     "olmoe": ("model.layers.{layer}.mlp",),
     "deepseek_v3": ("model.layers.{layer}.mlp",),
+    "glm4_moe": ("model.layers.{layer}.mlp",),
 }
 
 # Per-expert projection names (gate, up, down) under `{block}.experts.{expert}`.
@@ -150,7 +151,7 @@ def _gate_names(family: str, layer: int) -> dict[str, str]:
     """Names of the router-side tensors of one layer (only those the family has)."""
     block = _BLOCK_PREFIXES[family][0].format(layer=layer)
     names = {"weight": f"{block}.gate.weight"}
-    if family == "deepseek_v3":
+    if family in ("deepseek_v3", "glm4_moe"):
         names["correction_bias"] = f"{block}.gate.e_score_correction_bias"
         for p, proj in zip(("shared.gate", "shared.up", "shared.down"), _EXPERT_PROJ, strict=True):
             names[p] = f"{block}.shared_experts.{proj}.weight"

@@ -4,8 +4,8 @@ Semantics follow the `transformers` routers of each model family (tests prove it
 
 - softmax top-k (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): softmax over float32 logits, top-k,
   optional renormalisation of the k weights (`norm_topk_prob`);
-- DeepSeek-V3: sigmoid scores, a selection-only correction bias, group-limited top-k
-  (`n_group`, `topk_group`), normalisation, `routed_scaling_factor`;
+- DeepSeek-V3 (and GLM4-MoE, the same router): sigmoid scores, a selection-only correction bias,
+  group-limited top-k (`n_group`, `topk_group`), normalisation, `routed_scaling_factor`;
 - dynamic sparse activation, chosen per request: top-p and threshold (capped at `max_k`).
 
 `route` runs, for a batch of T tokens, E experts, hidden size H:

@@ -90,6 +90,18 @@ FAMILIES: dict[str, Family] = {
             **dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
         },
     ),
+    "glm4_moe": Family(
+        "Glm4MoeConfig",
+        "Glm4MoeMoE",
+        "Glm4MoeTopkRouter",
+        "n_routed_experts",
+        {
+            # DeepSeek-V3's router: 8 experts in 2 groups, 2 picked from the best group; layer 0 dense
+            **dict(intermediate_size=64, moe_intermediate_size=16, first_k_dense_replace=1),
+            **dict(n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2),
+            **dict(routed_scaling_factor=1.5, n_shared_experts=2),
+        },
+    ),
 }
 
 

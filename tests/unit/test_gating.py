@@ -52,7 +52,7 @@ def _chosen(routing: Routing, num_experts: int) -> torch.Tensor:
 
 def _router(family: str, norm: bool):
     """The family's transformers router at hidden size H, and the GateConfig that must match it."""
-    if family == "deepseek_v3":
+    if family in ("deepseek_v3", "glm4_moe"):
         gate = GateConfig(
             num_experts=16,
             top_k=4,
@@ -81,6 +81,8 @@ FAMILIES = [
     pytest.param("olmoe", True, id="olmoe-norm"),
     pytest.param("deepseek_v3", True, id="deepseek_v3-norm"),
     pytest.param("deepseek_v3", False, id="deepseek_v3-raw"),
+    pytest.param("glm4_moe", True, id="glm4_moe-norm"),
+    pytest.param("glm4_moe", False, id="glm4_moe-raw"),
 ]
 
 
@@ -129,7 +131,7 @@ def test_deepseek_correction_bias_changes_choice_not_weights():
     torch.testing.assert_close(biased.weights, 2.5 * scores / scores.sum(-1, keepdim=True), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("family", "norm"), [FAMILIES[0], FAMILIES[-2]])
+@pytest.mark.parametrize(("family", "norm"), [FAMILIES[0], FAMILIES[6], FAMILIES[-2]])
 def test_bfloat16_model_matches_transformers_router(family, norm):
     # softmax routers take logits in the model dtype, DeepSeek-V3 upcasts to float32 first
     router, gate = _seeded_router(family, norm)

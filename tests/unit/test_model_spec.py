@@ -23,6 +23,7 @@ CONFIG_CLASSES = {
     "qwen3_moe": transformers.Qwen3MoeConfig,
     "olmoe": transformers.OlmoeConfig,
     "deepseek_v3": transformers.DeepseekV3Config,
+    "glm4_moe": transformers.Glm4MoeConfig,
 }
 
 
