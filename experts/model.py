@@ -20,6 +20,7 @@ from typing import Any
 from moemesh.protos.spec import (
     ExpertFFN,
     GateConfig,
+    GroupScore,
     ModelSpec,
     MoELayerSpec,
     ScoreFunction,
@@ -27,15 +28,10 @@ from moemesh.protos.spec import (
 )
 
 SUPPORTED_FAMILIES: tuple[str, ...] = (
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "deepseek_v3",
-    "glm4_moe",
+    *("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "deepseek_v2"),
 )
-# Families with DeepSeek-V3's router (sigmoid, selection bias, groups) and fused shared experts.
-_DEEPSEEK_V3_LIKE: tuple[str, ...] = ("deepseek_v3", "glm4_moe")
+# Families whose shared experts are one MLP of n_shared_experts * moe_intermediate_size.
+_FUSED_SHARED: tuple[str, ...] = ("deepseek_v2", "deepseek_v3", "glm4_moe")
 
 # transformers ACT2FN names that the expert FFN implements (experts/ffn.py maps them to torch).
 SUPPORTED_ACTIVATIONS: tuple[str, ...] = (
@@ -118,6 +114,21 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "first_k_dense_replace": 1,
         "norm_topk_prob": True,
     },
+    "deepseek_v2": {
+        "hidden_size": 4096,
+        "moe_intermediate_size": 1407,
+        "num_hidden_layers": 32,
+        "hidden_act": "silu",
+        "n_shared_experts": 2,
+        "n_routed_experts": 64,
+        "routed_scaling_factor": 1.0,
+        "n_group": None,
+        "topk_group": None,
+        "topk_method": "greedy",
+        "num_experts_per_tok": None,
+        "first_k_dense_replace": 0,
+        "mlp_bias": False,
+    },
 }
 
 # transformers `attribute_map` aliases: a config.json may carry either spelling.
@@ -128,6 +139,7 @@ _NUM_EXPERTS_KEYS: dict[str, tuple[str, ...]] = {
     "olmoe": ("num_experts", "num_local_experts"),
     "deepseek_v3": ("n_routed_experts", "num_local_experts"),
     "glm4_moe": ("n_routed_experts", "num_local_experts"),
+    "deepseek_v2": ("n_routed_experts", "num_experts"),
 }
 
 
@@ -178,8 +190,8 @@ def _sparse_layers(cfg: _Config, num_layers: int) -> list[int]:
         first_dense = cfg.non_negative_int("first_k_dense_replace")
         freq = cfg.positive_int("moe_layer_freq")
         return [i for i in range(num_layers) if i >= first_dense and i % freq == 0]
-    if family == "glm4_moe":
-        # Glm4MoeDecoderLayer: idx >= first_k_dense_replace
+    if family in ("glm4_moe", "deepseek_v2"):
+        # Glm4MoeDecoderLayer, DeepseekV2DecoderLayer: idx >= first_k_dense_replace
         first_dense = cfg.non_negative_int("first_k_dense_replace")
         return [i for i in range(num_layers) if i >= first_dense]
     raise AssertionError(family)
@@ -194,6 +206,8 @@ def _gate(cfg: _Config, num_experts: int) -> GateConfig:
         fields: dict[str, Any] = {"norm_topk_prob": True}
     elif family in ("qwen2_moe", "qwen3_moe", "olmoe"):
         fields = {"norm_topk_prob": bool(cfg.get("norm_topk_prob"))}
+    elif family == "deepseek_v2":
+        fields = _deepseek_v2_gate(cfg)
     else:  # deepseek_v3, glm4_moe: sigmoid scores, selection bias, group-limited top-k, scaled weights.
         scaling = cfg.get("routed_scaling_factor")
         fields = {
@@ -210,13 +224,39 @@ def _gate(cfg: _Config, num_experts: int) -> GateConfig:
         raise ValueError(f"{cfg.name}: {err} (top_k is the config's num_experts_per_tok)") from None
 
 
+def _deepseek_v2_gate(cfg: _Config) -> dict[str, Any]:
+    """DeepseekV2TopkRouter: softmax of float32 logits; `greedy` top-k or `group_limited_greedy`
+    (groups scored by their best expert); weights times routed_scaling_factor. transformers never
+    renormalises them, whatever `norm_topk_prob` says, so neither does moemesh."""
+    method = cfg.get("topk_method")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise UnsupportedModel(
+            f"{cfg.name}: deepseek_v2 topk_method {method!r} is not one transformers' router runs; "
+            "supported: greedy, group_limited_greedy"
+        )
+    if cfg.get("mlp_bias"):
+        raise UnsupportedModel(
+            f"{cfg.name}: deepseek_v2 with mlp_bias (biased shared experts) is not supported"
+        )
+    scaling = cfg.get("routed_scaling_factor")
+    grouped = method == "group_limited_greedy"
+    return {
+        "float32_logits": True,
+        "norm_topk_prob": False,
+        "routed_scaling_factor": float(scaling if scaling is not None else 1.0),
+        "n_group": (cfg.non_negative_int("n_group") or 1) if grouped else 1,
+        "topk_group": (cfg.non_negative_int("topk_group") or 1) if grouped else 1,
+        "group_score": GroupScore.MAX,
+    }
+
+
 def _shared(cfg: _Config) -> tuple[int, bool]:
     """(shared expert inner size, gated) for one sparse block of the family."""
     if cfg.family == "qwen2_moe":
         size = cfg.non_negative_int("shared_expert_intermediate_size")
         return size, size > 0
-    if cfg.family in _DEEPSEEK_V3_LIKE:
-        # DeepseekV3MoE / Glm4MoeMoE fuse all shared experts into one MLP of n_shared_experts * moe_intermediate_size.
+    if cfg.family in _FUSED_SHARED:
+        # DeepseekV2Moe / DeepseekV3MoE / Glm4MoeMoE fuse all shared experts into one MLP of n_shared_experts * moe_intermediate_size.
         return cfg.non_negative_int("n_shared_experts") * cfg.positive_int("moe_intermediate_size"), False
     return 0, False
 

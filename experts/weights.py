@@ -119,6 +119,7 @@ _BLOCK_PREFIXES: dict[str, tuple[str, ...]] = {
     "olmoe": ("model.layers.{layer}.mlp",),
     "deepseek_v3": ("model.layers.{layer}.mlp",),
     "glm4_moe": ("model.layers.{layer}.mlp",),
+    "deepseek_v2": ("model.layers.{layer}.mlp",),
 }
 
 # Per-expert projection names (gate, up, down) under `{block}.experts.{expert}`.
@@ -153,6 +154,7 @@ def _gate_names(family: str, layer: int) -> dict[str, str]:
     names = {"weight": f"{block}.gate.weight"}
     if family in ("deepseek_v3", "glm4_moe"):
         names["correction_bias"] = f"{block}.gate.e_score_correction_bias"
+    if family in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
         for p, proj in zip(("shared.gate", "shared.up", "shared.down"), _EXPERT_PROJ, strict=True):
             names[p] = f"{block}.shared_experts.{proj}.weight"
     if family == "qwen2_moe":

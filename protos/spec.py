@@ -116,6 +116,13 @@ class ScoreFunction(str, Enum):
     SIGMOID = "sigmoid"
 
 
+class GroupScore(str, Enum):
+    """How the group limit (`n_group` > 1) scores a group of experts."""
+
+    TOP2_SUM = "top2_sum"  # sum of the two best selection scores (DeepSeek-V3, GLM4-MoE)
+    MAX = "max"  # the best score (DeepSeek-V2 `group_limited_greedy`)
+
+
 class RoutingMode(str, Enum):
     """How many experts a token gets."""
 
@@ -145,6 +152,10 @@ class GateConfig:
     """The trained routing of one MoE layer, as the checkpoint states it. Checked here, once.
 
     has_correction_bias: the gate has a selection-only bias per expert (DeepSeek-V3).
+    group_score: how the group limit scores a group.
+    float32_logits: softmax logits computed in float32 rather than the hidden dtype (DeepSeek-V2);
+        sigmoid logits always are.
+    has_gate_bias: the router's linear layer has a bias [experts], added to the logits (gpt-oss).
     """
 
     num_experts: int
@@ -155,6 +166,9 @@ class GateConfig:
     n_group: int = 1
     topk_group: int = 1
     has_correction_bias: bool = False
+    group_score: GroupScore = GroupScore.TOP2_SUM
+    float32_logits: bool = False
+    has_gate_bias: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -164,6 +178,11 @@ class GateConfig:
             raise ValueError(
                 f"score_function must be one of {choices}, got {self.score_function!r}"
             ) from None
+        try:
+            object.__setattr__(self, "group_score", GroupScore(self.group_score))
+        except ValueError:
+            choices = ", ".join(g.value for g in GroupScore)
+            raise ValueError(f"group_score must be one of {choices}, got {self.group_score!r}") from None
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if self.n_group < 1 or self.num_experts % self.n_group:

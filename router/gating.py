@@ -6,16 +6,21 @@ Semantics follow the `transformers` routers of each model family (tests prove it
   optional renormalisation of the k weights (`norm_topk_prob`);
 - DeepSeek-V3 (and GLM4-MoE, the same router): sigmoid scores, a selection-only correction bias,
   group-limited top-k (`n_group`, `topk_group`), normalisation, `routed_scaling_factor`;
+- DeepSeek-V2: softmax of float32 logits, top-k (`greedy`) or group-limited top-k scoring a
+  group by its best expert (`group_limited_greedy`), `routed_scaling_factor`, no renormalisation;
+- gpt-oss: a router bias on the logits, top-k, softmax over the k picked logits (= the softmax
+  renormalised over the k, `norm_topk_prob`);
 - dynamic sparse activation, chosen per request: top-p and threshold (capped at `max_k`).
 
 `route` runs, for a batch of T tokens, E experts, hidden size H:
 
-1. logits  [T, E] = hidden [T, H] @ gate_weight [E, H]^T  (hidden dtype for softmax, float32
-   for sigmoid, as the references do);
+1. logits  [T, E] = hidden [T, H] @ gate_weight [E, H]^T (+ gate_bias [E])  (hidden dtype for
+   softmax unless `float32_logits`, float32 for sigmoid, as the references do);
 2. scores  [T, E] float32 = softmax(logits) | sigmoid(logits);
 3. choice  [T, E] = scores + correction_bias [E]: the selection score; the bias only ranks;
 4. group limit (n_group > 1): group score = sum of the top-2 choice scores of the group
-   (the max if a group has one expert); keep `topk_group` groups, other experts -> -inf;
+   (the max if a group has one expert), or the max (`GroupScore.MAX`); keep `topk_group`
+   groups, other experts -> -inf;
 5. pick per token: top-k | top-p | threshold over `choice`, dynamic k capped at `max_k`;
 6. weights [T, K] = unbiased `scores` of the picked experts, renormalised over the picked
    slots if `norm_topk_prob`, times `routed_scaling_factor`.
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 
 from moemesh.protos.spec import (
     GateConfig,
+    GroupScore,
     InvalidRouting,
     Routing,
     RoutingMode,
@@ -102,22 +108,24 @@ def route(
     config: GateConfig,
     policy: RoutingPolicy | None = None,
     correction_bias: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
 ) -> Routing:
     """Choose experts for every token.
 
-    hidden: [tokens, hidden]; gate_weight: [experts, hidden]; correction_bias: [experts] or None.
+    hidden: [tokens, hidden]; gate_weight: [experts, hidden]; correction_bias: [experts] or None
+    (selection only); gate_bias: [experts] or None (added to the logits).
     Returns Routing(experts: [tokens, K] int64, weights: [tokens, K] float32).
     Raises InvalidRouting when `policy` does not fit `config`, ValueError on bad shapes.
     """
     policy = validate_policy(config, policy)
-    _check_inputs(hidden, gate_weight, config, correction_bias)
+    _check_inputs(hidden, gate_weight, config, correction_bias, gate_bias)
 
     # scores: [T, E] float32, the probabilities the weights come from
-    scores = gate_scores(hidden, gate_weight, config.score_function)
+    scores = gate_scores(hidden, gate_weight, config.score_function, config.float32_logits, gate_bias)
     # choice: [T, E], what ranks the experts; the bias never reaches the weights
     choice = scores if correction_bias is None else scores + correction_bias.to(torch.float32)
     # allowed: [T, E] bool, experts in the groups kept for each token
-    choice, allowed = _limit_groups(choice, config.n_group, config.topk_group)
+    choice, allowed = _limit_groups(choice, config.n_group, config.topk_group, config.group_score)
 
     if policy.mode is RoutingMode.TOP_K:
         k = policy.top_k or config.top_k
@@ -142,23 +150,32 @@ def route(
 
 
 def gate_scores(
-    hidden: torch.Tensor, gate_weight: torch.Tensor, score_function: ScoreFunction
+    hidden: torch.Tensor,
+    gate_weight: torch.Tensor,
+    score_function: ScoreFunction,
+    float32_logits: bool = False,
+    gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expert scores of every token, before any selection.
 
-    hidden: [tokens, hidden]; gate_weight: [experts, hidden] -> scores: [tokens, experts] float32.
-    Softmax logits are computed in the hidden dtype (Mixtral / Qwen / OLMoE routers), sigmoid
-    logits in float32 (DeepSeek-V3 router).
+    hidden: [tokens, hidden]; gate_weight: [experts, hidden]; gate_bias: [experts] or None
+    -> scores: [tokens, experts] float32.
+    Softmax logits are computed in the hidden dtype (Mixtral / Qwen / OLMoE / gpt-oss routers)
+    unless `float32_logits` (DeepSeek-V2), sigmoid logits in float32 (DeepSeek-V3 router).
     """
+    dtype = torch.float32 if score_function == ScoreFunction.SIGMOID or float32_logits else hidden.dtype
+    bias = None if gate_bias is None else gate_bias.to(dtype)
+    logits = F.linear(hidden.to(dtype), gate_weight.to(dtype), bias)  # [T, E]
     if score_function == ScoreFunction.SIGMOID:
-        logits = F.linear(hidden.to(torch.float32), gate_weight.to(torch.float32))  # [T, E]
         return logits.sigmoid()
-    logits = F.linear(hidden, gate_weight.to(hidden.dtype))  # [T, E], hidden dtype
     return torch.softmax(logits.to(torch.float32), dim=-1)
 
 
-def _limit_groups(choice: torch.Tensor, n_group: int, topk_group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the `topk_group` best groups of each token (DeepSeek-V3 rule).
+def _limit_groups(
+    choice: torch.Tensor, n_group: int, topk_group: int, group_score: GroupScore = GroupScore.TOP2_SUM
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the `topk_group` best groups of each token (DeepSeek-V3 rule, or DeepSeek-V2's with
+    `GroupScore.MAX`).
 
     choice: [T, E] -> (choice: [T, E] with -inf outside the kept groups, allowed: [T, E] bool).
     """
@@ -166,9 +183,11 @@ def _limit_groups(choice: torch.Tensor, n_group: int, topk_group: int) -> tuple[
     if n_group == 1:
         return choice, torch.ones_like(choice, dtype=torch.bool)
     per_group = E // n_group
-    # group_scores: [T, G], sum of the top-2 scores of each group (the max for 1-expert groups)
+    # group_scores: [T, G], sum of the top-2 scores of each group (the max for 1-expert groups),
+    # or the max
     grouped = choice.reshape(T, n_group, per_group)
-    group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+    best = 1 if group_score is GroupScore.MAX else min(2, per_group)
+    group_scores = grouped.topk(best, dim=-1).values.sum(dim=-1)
     group_idx = group_scores.topk(topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)  # [T, G]
     allowed = keep.unsqueeze(-1).expand(T, n_group, per_group).reshape(T, E)
@@ -234,6 +253,7 @@ def _check_inputs(
     gate_weight: torch.Tensor,
     config: GateConfig,
     correction_bias: torch.Tensor | None,
+    gate_bias: torch.Tensor | None = None,
 ) -> None:
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [tokens, hidden], got shape {tuple(hidden.shape)}")
@@ -251,6 +271,10 @@ def _check_inputs(
     if correction_bias is not None and tuple(correction_bias.shape) != (config.num_experts,):
         raise ValueError(
             f"correction_bias must be [experts={config.num_experts}], got shape {tuple(correction_bias.shape)}"
+        )
+    if gate_bias is not None and tuple(gate_bias.shape) != (config.num_experts,):
+        raise ValueError(
+            f"gate_bias must be [experts={config.num_experts}], got shape {tuple(gate_bias.shape)}"
         )
 
 

@@ -102,6 +102,21 @@ FAMILIES: dict[str, Family] = {
             **dict(routed_scaling_factor=1.5, n_shared_experts=2),
         },
     ),
+    "deepseek_v2": Family(
+        "DeepseekV2Config",
+        "DeepseekV2Moe",
+        "DeepseekV2TopkRouter",
+        "n_routed_experts",
+        {
+            # 8 experts in 4 groups, 3 picked from the 2 groups with the best expert; layer 0 dense
+            **dict(intermediate_size=64, moe_intermediate_size=16, first_k_dense_replace=1),
+            **dict(n_routed_experts=8, num_experts_per_tok=3, topk_method="group_limited_greedy"),
+            **dict(n_group=4, topk_group=2, routed_scaling_factor=1.5, n_shared_experts=2),
+            # multi-head latent attention at tiny sizes
+            **dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16),
+            **dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+        },
+    ),
 }
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 pytest.importorskip("transformers")
 
 # family -> config overrides: three layers give the families with a dense first layer two MoE layers
-FAMILIES = {"glm4_moe": {"num_hidden_layers": 3}}
+FAMILIES = {"glm4_moe": {"num_hidden_layers": 3}, "deepseek_v2": {"num_hidden_layers": 3}}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

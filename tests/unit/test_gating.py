@@ -3,12 +3,21 @@ group limits and dynamic sparse activation (top-p, threshold) against a naive pe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from moemesh.protos.spec import GateConfig, InvalidRouting, Routing, RoutingMode, RoutingPolicy, ScoreFunction
+from moemesh.protos.spec import (
+    GateConfig,
+    GroupScore,
+    InvalidRouting,
+    Routing,
+    RoutingMode,
+    RoutingPolicy,
+    ScoreFunction,
+)
 from moemesh.router.gating import effective_k, gate_scores, route, validate_policy
 from tests import hf_configs
 from tests.references import assert_same_choices, choices, naive_route
@@ -63,6 +72,19 @@ def _router(family: str, norm: bool):
             topk_group=2,
         )
         extra = dict(n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=norm)
+    elif family == "deepseek_v2":  # norm: group_limited_greedy, else greedy (never renormalised)
+        method = "group_limited_greedy" if norm else "greedy"
+        gate = GateConfig(
+            num_experts=16,
+            top_k=3,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.5,
+            n_group=4 if norm else 1,
+            topk_group=2 if norm else 1,
+            group_score=GroupScore.MAX,
+            float32_logits=True,
+        )
+        extra = dict(n_group=4, topk_group=2, routed_scaling_factor=1.5, topk_method=method)
     else:
         gate = GateConfig(num_experts=8, top_k=2, norm_topk_prob=norm)
         extra = {} if family == "mixtral" else dict(norm_topk_prob=norm)  # Mixtral always renormalises
@@ -83,6 +105,8 @@ FAMILIES = [
     pytest.param("deepseek_v3", False, id="deepseek_v3-raw"),
     pytest.param("glm4_moe", True, id="glm4_moe-norm"),
     pytest.param("glm4_moe", False, id="glm4_moe-raw"),
+    pytest.param("deepseek_v2", True, id="deepseek_v2-group_limited_greedy"),
+    pytest.param("deepseek_v2", False, id="deepseek_v2-greedy"),
 ]
 
 
@@ -131,7 +155,7 @@ def test_deepseek_correction_bias_changes_choice_not_weights():
     torch.testing.assert_close(biased.weights, 2.5 * scores / scores.sum(-1, keepdim=True), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("family", "norm"), [FAMILIES[0], FAMILIES[6], FAMILIES[-2]])
+@pytest.mark.parametrize(("family", "norm"), [FAMILIES[0], FAMILIES[6], FAMILIES[8], FAMILIES[10]])
 def test_bfloat16_model_matches_transformers_router(family, norm):
     # softmax routers take logits in the model dtype, DeepSeek-V3 upcasts to float32 first
     router, gate = _seeded_router(family, norm)
@@ -424,3 +448,15 @@ def test_gate_config_accepts_string_score_function():
 def test_bad_shapes_raise_value_error(hidden, gate_weight, bias):
     with pytest.raises(ValueError, match="hidden|gate_weight|correction_bias"):
         route(hidden, gate_weight, GateConfig(num_experts=8, top_k=2), correction_bias=bias)
+
+
+def test_deepseek_v2_groups_are_scored_by_their_best_expert():
+    # the exactness test above proves the MAX rule only if the top-2 sum would choose otherwise
+    router, gate = _seeded_router("deepseek_v2", True)
+    hidden = torch.randn(T, H, generator=_gen(2))
+    weight = router.weight.detach()
+    by_max = route(hidden, weight, gate)
+    by_top2 = route(hidden, weight, dataclasses.replace(gate, group_score=GroupScore.TOP2_SUM))
+    assert not torch.equal(
+        _by_expert(by_max.experts, by_max.weights)[0], _by_expert(by_top2.experts, by_top2.weights)[0]
+    )

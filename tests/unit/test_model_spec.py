@@ -24,14 +24,18 @@ CONFIG_CLASSES = {
     "olmoe": transformers.OlmoeConfig,
     "deepseek_v3": transformers.DeepseekV3Config,
     "glm4_moe": transformers.Glm4MoeConfig,
+    "deepseek_v2": transformers.DeepseekV2Config,
 }
+# Keys whose transformers default (None) is no usable MoE config: given in both dicts.
+REQUIRED = {"deepseek_v2": {"num_experts_per_tok": 6}}
 
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
 def test_missing_keys_take_transformers_defaults(family):
     # A config.json with only model_type parses like the full dict transformers writes for its defaults.
-    from_defaults = spec_from_config(CONFIG_CLASSES[family]().to_dict(), "m")
-    assert spec_from_config({"model_type": family}, "m") == from_defaults
+    required = REQUIRED.get(family, {})
+    from_defaults = spec_from_config({**CONFIG_CLASSES[family]().to_dict(), **required}, "m")
+    assert spec_from_config({"model_type": family, **required}, "m") == from_defaults
 
 
 def test_mixtral_spec():
