@@ -17,6 +17,8 @@ from .client import Client
 from .remote import RemoteMoE
 
 BLOCK_ATTR = "mlp"  # where every supported family keeps the sparse block of a decoder layer
+# Families whose sparse block returns (hidden, router scores) to its decoder layer.
+_WITH_ROUTER_SCORES = ("gpt_oss",)
 
 
 class ModelOnMesh:
@@ -60,9 +62,10 @@ class RemoteExperts(ModelOnMesh):
                     f"the router at {client.address} serves {topology.model} with hidden size "
                     f"{ls.hidden_size}; this model's hidden size is {hidden}"
                 )
+        scores = getattr(model.config, "model_type", None) in _WITH_ROUTER_SCORES
         for index in self.layers:
             self._originals[index] = getattr(decoder[index], BLOCK_ATTR)
-            setattr(decoder[index], BLOCK_ATTR, RemoteMoE(client, index, policy))
+            setattr(decoder[index], BLOCK_ATTR, RemoteMoE(client, index, policy, scores))
         self._decoder = decoder
 
     def restore(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from moemesh.protos.spec import (
     ExpertFFN,
     GateConfig,
+    GLUKind,
     GroupScore,
     ModelSpec,
     MoELayerSpec,
@@ -28,7 +29,7 @@ from moemesh.protos.spec import (
 )
 
 SUPPORTED_FAMILIES: tuple[str, ...] = (
-    *("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "deepseek_v2"),
+    *("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "deepseek_v2", "gpt_oss"),
 )
 # Families whose shared experts are one MLP of n_shared_experts * moe_intermediate_size.
 _FUSED_SHARED: tuple[str, ...] = ("deepseek_v2", "deepseek_v3", "glm4_moe")
@@ -129,6 +130,16 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "first_k_dense_replace": 0,
         "mlp_bias": False,
     },
+    "gpt_oss": {
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_hidden_layers": 36,
+        "hidden_act": "silu",
+        "num_experts_per_tok": 4,
+        "num_local_experts": 128,
+        "swiglu_alpha": 1.702,
+        "swiglu_limit": 7.0,
+    },
 }
 
 # transformers `attribute_map` aliases: a config.json may carry either spelling.
@@ -140,6 +151,7 @@ _NUM_EXPERTS_KEYS: dict[str, tuple[str, ...]] = {
     "deepseek_v3": ("n_routed_experts", "num_local_experts"),
     "glm4_moe": ("n_routed_experts", "num_local_experts"),
     "deepseek_v2": ("n_routed_experts", "num_experts"),
+    "gpt_oss": ("num_local_experts", "num_experts"),
 }
 
 
@@ -177,7 +189,7 @@ class _Config:
 def _sparse_layers(cfg: _Config, num_layers: int) -> list[int]:
     """Decoder layer indices whose MLP is a MoE block, by the rule of each family's decoder layer."""
     family = cfg.family
-    if family in ("mixtral", "olmoe"):
+    if family in ("mixtral", "olmoe", "gpt_oss"):
         return list(range(num_layers))
     if family in ("qwen2_moe", "qwen3_moe"):
         # Qwen2MoeDecoderLayer: idx not in mlp_only_layers and (idx + 1) % decoder_sparse_step == 0
@@ -208,6 +220,10 @@ def _gate(cfg: _Config, num_experts: int) -> GateConfig:
         fields = {"norm_topk_prob": bool(cfg.get("norm_topk_prob"))}
     elif family == "deepseek_v2":
         fields = _deepseek_v2_gate(cfg)
+    elif family == "gpt_oss":
+        # GptOssTopKRouter: logits with the router bias, top-k, softmax over the k picked logits,
+        # which is the softmax renormalised over the k.
+        fields = {"norm_topk_prob": True, "has_gate_bias": True}
     else:  # deepseek_v3, glm4_moe: sigmoid scores, selection bias, group-limited top-k, scaled weights.
         scaling = cfg.get("routed_scaling_factor")
         fields = {
@@ -250,6 +266,21 @@ def _deepseek_v2_gate(cfg: _Config) -> dict[str, Any]:
     }
 
 
+def _expert_ffn(cfg: _Config) -> ExpertFFN | None:
+    """The routed experts' math where it is not the default SwiGLU: gpt-oss's clamped SwiGLU with
+    biases, its gate/up rows interleaved and its fused tensors stored transposed."""
+    if cfg.family != "gpt_oss":
+        return None
+    return ExpertFFN(
+        bias=True,
+        glu_kind=GLUKind.GPT_OSS,
+        alpha=float(cfg.get("swiglu_alpha")),
+        limit=float(cfg.get("swiglu_limit")),
+        interleaved=True,
+        transposed=True,
+    )
+
+
 def _shared(cfg: _Config) -> tuple[int, bool]:
     """(shared expert inner size, gated) for one sparse block of the family."""
     if cfg.family == "qwen2_moe":
@@ -282,13 +313,14 @@ def spec_from_config(config: Mapping[str, Any], name: str) -> ModelSpec:
         )
     hidden = cfg.positive_int("hidden_size")
     num_experts = cfg.positive_int(*_NUM_EXPERTS_KEYS[family])
-    inner_key = "intermediate_size" if family in ("mixtral", "olmoe") else "moe_intermediate_size"
+    inner_key = "intermediate_size" if family in ("mixtral", "olmoe", "gpt_oss") else "moe_intermediate_size"
     inner = cfg.positive_int(inner_key)
     shared_size, shared_gated = _shared(cfg)
     indices = _sparse_layers(cfg, cfg.positive_int("num_hidden_layers"))
     if not indices:
         raise UnsupportedModel(f"{name}: the {family} config declares no sparse MoE layers; nothing to serve")
     gate = _gate(cfg, num_experts)
+    ffn = _expert_ffn(cfg)
     layers = tuple(
         MoELayerSpec(
             layer=i,
@@ -298,6 +330,9 @@ def spec_from_config(config: Mapping[str, Any], name: str) -> ModelSpec:
             gate=gate,
             shared_intermediate_size=shared_size,
             shared_gated=shared_gated,
+            ffn=ffn,
+            # the fused experts of gpt-oss are read in the layout `ffn` states
+            experts_tensors=f"model.layers.{i}.mlp.experts" if ffn is not None else "",
         )
         for i in indices
     )

@@ -78,6 +78,7 @@ class GateWeights:
     """What the router needs for one layer.
 
     weight: [experts, hidden]; correction_bias: [experts] (DeepSeek-V3) or None;
+    gate_bias: [experts], added to the logits (gpt-oss), or None;
     shared: the shared expert FFN (DeepSeek: all shared experts fused, as transformers does) or None;
     shared_gate: [1, hidden] (Qwen2-MoE) or None
     """
@@ -86,6 +87,7 @@ class GateWeights:
     correction_bias: torch.Tensor | None = None
     shared: FFNWeights | None = None
     shared_gate: torch.Tensor | None = None
+    gate_bias: torch.Tensor | None = None
 
 
 class WeightSource(Protocol):
@@ -120,6 +122,7 @@ _BLOCK_PREFIXES: dict[str, tuple[str, ...]] = {
     "deepseek_v3": ("model.layers.{layer}.mlp",),
     "glm4_moe": ("model.layers.{layer}.mlp",),
     "deepseek_v2": ("model.layers.{layer}.mlp",),
+    "gpt_oss": ("model.layers.{layer}.mlp",),
 }
 
 # Per-expert projection names (gate, up, down) under `{block}.experts.{expert}`.
@@ -152,6 +155,8 @@ def _gate_names(family: str, layer: int) -> dict[str, str]:
     """Names of the router-side tensors of one layer (only those the family has)."""
     block = _BLOCK_PREFIXES[family][0].format(layer=layer)
     names = {"weight": f"{block}.gate.weight"}
+    if family == "gpt_oss":  # GptOssMLP.router: a Linear with a bias
+        names = {"weight": f"{block}.router.weight", "gate_bias": f"{block}.router.bias"}
     if family in ("deepseek_v3", "glm4_moe"):
         names["correction_bias"] = f"{block}.gate.e_score_correction_bias"
     if family in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
@@ -440,6 +445,7 @@ class CheckpointSource:
         bias = shared = shared_gate = None
         if spec.gate.has_correction_bias:
             bias = self._read(names["correction_bias"], (num,))
+        gate_bias = self._read(names["gate_bias"], (num,)) if spec.gate.has_gate_bias else None
         if spec.shared_intermediate_size:
             inner = spec.shared_intermediate_size
             shared = FFNWeights(
@@ -456,6 +462,7 @@ class CheckpointSource:
             correction_bias=_cast(bias, dtype),
             shared=shared,
             shared_gate=_cast(shared_gate, dtype),
+            gate_bias=_cast(gate_bias, dtype),
         )
 
     def close(self) -> None:

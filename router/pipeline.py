@@ -73,7 +73,7 @@ class MoELayer:
     """What the router holds for one layer.
 
     gate_weight: [experts, hidden], or None when the layer's callers route (Dispatch only);
-    correction_bias: [experts] or None;
+    correction_bias: [experts] or None; gate_bias: [experts] or None (added to the logits);
     shared: hidden [tokens, hidden] -> [tokens, hidden], the (already gated) shared experts, or None
     """
 
@@ -82,6 +82,7 @@ class MoELayer:
     gate: GateConfig
     gate_weight: torch.Tensor | None
     correction_bias: torch.Tensor | None = None
+    gate_bias: torch.Tensor | None = None
     shared: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
@@ -206,7 +207,7 @@ class SparseMoE:
             raise InvalidArgument(
                 "layer", f"layer {layer} has no router gate: its model routes in the caller; use Dispatch"
             )
-        return route(hidden, spec.gate_weight, spec.gate, policy, spec.correction_bias)
+        return route(hidden, spec.gate_weight, spec.gate, policy, spec.correction_bias, spec.gate_bias)
 
     async def forward(
         self,

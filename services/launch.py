@@ -145,6 +145,7 @@ def build_layers(source: WeightSource) -> dict[int, MoELayer]:
             gate=ls.gate,
             gate_weight=gw.weight,
             correction_bias=gw.correction_bias,
+            gate_bias=gw.gate_bias,
             shared=_shared_fn(gw, ls.activation),
         )
     return layers

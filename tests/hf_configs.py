@@ -117,6 +117,13 @@ FAMILIES: dict[str, Family] = {
             **dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
         },
     ),
+    "gpt_oss": Family(
+        "GptOssConfig",
+        "GptOssMLP",
+        "GptOssTopKRouter",
+        "num_local_experts",
+        dict(intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, head_dim=8),
+    ),
 }
 
 
@@ -146,9 +153,11 @@ def causal_lm(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config(family, **overrides)).eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.05)
+            elif name.endswith(("_proj_bias", "router.bias")):  # gpt-oss biases: non-zero, so they count
+                p.uniform_(-0.05, 0.05)
         for layer in model.model.layers:
             gate = getattr(layer.mlp, "gate", None)
             if gate is not None and hasattr(gate, "e_score_correction_bias"):

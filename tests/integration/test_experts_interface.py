@@ -158,7 +158,7 @@ def test_family_on_the_mesh_equals_the_local_model_and_is_given_back(family):
 def test_a_dispatch_only_router_refuses_forward_naming_the_layer():
     from moemesh.client import InvalidArgumentError
 
-    model = tiny_causal_lm("gpt_oss")
+    model = tiny_causal_lm("phimoe")
     with offload_experts(model, num_hosts=2, device="cpu") as remote:
         layer = remote.layers[0]
         with pytest.raises(InvalidArgumentError, match=f"layer {layer} has no router gate"):

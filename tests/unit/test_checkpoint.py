@@ -48,13 +48,26 @@ def _assert_same_weights(model, source):
         mlp = model.model.layers[index].mlp
         for e in range(source.spec.layer(index).num_experts):
             w = source.expert(index, e)
+            if hasattr(mlp, "router"):  # gpt-oss: [E, H, 2I] with gate/up interleaved, [E, I, H], biases
+                gate_up = mlp.experts.gate_up_proj[e]
+                assert torch.equal(w.gate, gate_up[:, 0::2].t()) and torch.equal(w.up, gate_up[:, 1::2].t())
+                assert torch.equal(w.down, mlp.experts.down_proj[e].t())
+                bias = mlp.experts.gate_up_proj_bias[e]
+                assert torch.equal(w.gate_bias, bias[0::2]) and torch.equal(w.up_bias, bias[1::2])
+                assert torch.equal(w.down_bias, mlp.experts.down_proj_bias[e])
+                continue
             # transformers 5 in memory: gate_up_proj [E, 2I, H] = cat(gate, up), down_proj [E, H, I]
             assert torch.equal(torch.cat([w.gate, w.up]), mlp.experts.gate_up_proj[e])
             assert torch.equal(w.down, mlp.experts.down_proj[e])
         g = source.gate(index)
-        assert torch.equal(g.weight, mlp.gate.weight)
-        if hasattr(mlp.gate, "e_score_correction_bias"):
-            assert torch.equal(g.correction_bias, mlp.gate.e_score_correction_bias)
+        router = getattr(mlp, "router", None) or mlp.gate
+        assert torch.equal(g.weight, router.weight)
+        if hasattr(mlp, "router"):
+            assert torch.equal(g.gate_bias, mlp.router.bias)
+        else:
+            assert g.gate_bias is None
+        if hasattr(router, "e_score_correction_bias"):
+            assert torch.equal(g.correction_bias, router.e_score_correction_bias)
         else:
             assert g.correction_bias is None
         shared = getattr(mlp, "shared_experts", None) or getattr(mlp, "shared_expert", None)
@@ -81,7 +94,10 @@ def test_spec_matches_config(saved, family):
     layer = spec.layers[0]
     assert layer.hidden_size == cfg.hidden_size
     assert layer.num_experts == model.model.layers[spec.layers[0].layer].mlp.experts.num_experts
-    assert layer.intermediate_size == model.model.layers[spec.layers[0].layer].mlp.experts.intermediate_dim
+    experts = model.model.layers[spec.layers[0].layer].mlp.experts
+    assert layer.intermediate_size == (
+        getattr(experts, "intermediate_dim", None) or experts.intermediate_size
+    )
     assert spec.layers[0].gate.top_k == cfg.num_experts_per_tok
 
 

@@ -85,6 +85,9 @@ def _router(family: str, norm: bool):
             float32_logits=True,
         )
         extra = dict(n_group=4, topk_group=2, routed_scaling_factor=1.5, topk_method=method)
+    elif family == "gpt_oss":  # softmax over the k picked logits: the top-k renormalised
+        gate = GateConfig(num_experts=8, top_k=2, norm_topk_prob=True, has_gate_bias=True)
+        extra = {}
     else:
         gate = GateConfig(num_experts=8, top_k=2, norm_topk_prob=norm)
         extra = {} if family == "mixtral" else dict(norm_topk_prob=norm)  # Mixtral always renormalises
@@ -107,6 +110,7 @@ FAMILIES = [
     pytest.param("glm4_moe", False, id="glm4_moe-raw"),
     pytest.param("deepseek_v2", True, id="deepseek_v2-group_limited_greedy"),
     pytest.param("deepseek_v2", False, id="deepseek_v2-greedy"),
+    pytest.param("gpt_oss", True, id="gpt_oss"),
 ]
 
 
@@ -118,6 +122,8 @@ def _seeded_router(family: str, norm: bool, seed: int = 1):
         router.weight.copy_(torch.randn(router.weight.shape, generator=g) / math.sqrt(H))
         if hasattr(router, "e_score_correction_bias"):
             router.e_score_correction_bias.copy_(torch.randn(gate.num_experts, generator=g) * 0.3)
+        if gate.has_gate_bias:  # gpt-oss's router Linear bias
+            router.bias.copy_(torch.randn(gate.num_experts, generator=g) * 0.3)
     return router, gate
 
 
@@ -125,11 +131,12 @@ def _seeded_router(family: str, norm: bool, seed: int = 1):
 def test_top_k_matches_transformers_router(family, norm):
     router, gate = _seeded_router(family, norm)
     bias = getattr(router, "e_score_correction_bias", None)
+    gate_bias = router.bias.detach() if gate.has_gate_bias else None
     hidden = torch.randn(T, H, generator=_gen(2))
 
     with torch.no_grad():
         _, ref_weights, ref_experts = router(hidden)
-    got = route(hidden, router.weight.detach(), gate, correction_bias=bias)
+    got = route(hidden, router.weight.detach(), gate, correction_bias=bias, gate_bias=gate_bias)
 
     assert got.experts.dtype == torch.int64 and got.weights.dtype == torch.float32
     assert got.experts.shape == got.weights.shape == (T, gate.top_k)
@@ -459,4 +466,16 @@ def test_deepseek_v2_groups_are_scored_by_their_best_expert():
     by_top2 = route(hidden, weight, dataclasses.replace(gate, group_score=GroupScore.TOP2_SUM))
     assert not torch.equal(
         _by_expert(by_max.experts, by_max.weights)[0], _by_expert(by_top2.experts, by_top2.weights)[0]
+    )
+
+
+def test_gpt_oss_router_bias_changes_choice():
+    # the exactness test above proves the router bias only if it changes what tokens choose
+    router, gate = _seeded_router("gpt_oss", True)
+    hidden = torch.randn(T, H, generator=_gen(2))
+    weight = router.weight.detach()
+    with_bias = route(hidden, weight, gate, gate_bias=router.bias.detach())
+    without = route(hidden, weight, gate)
+    assert not torch.equal(
+        _by_expert(with_bias.experts, with_bias.weights)[0], _by_expert(without.experts, without.weights)[0]
     )

@@ -25,6 +25,7 @@ CONFIG_CLASSES = {
     "deepseek_v3": transformers.DeepseekV3Config,
     "glm4_moe": transformers.Glm4MoeConfig,
     "deepseek_v2": transformers.DeepseekV2Config,
+    "gpt_oss": transformers.GptOssConfig,
 }
 # Keys whose transformers default (None) is no usable MoE config: given in both dicts.
 REQUIRED = {"deepseek_v2": {"num_experts_per_tok": 6}}
