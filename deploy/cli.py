@@ -239,9 +239,13 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _trace(args: argparse.Namespace) -> int:
     from .traces import view as trace_view
+    from .traces.records import StoreLimits
 
     if args.trace_command == "serve":
-        return trace_view.serve_receiver(args.host, args.port, args.out or None, args.print_traces)
+        limits = StoreLimits.from_mb(args.max_spans, args.max_mb)
+        return trace_view.serve_receiver(
+            args.host, args.port, args.out or None, args.print_traces, limits=limits
+        )
     if args.trace_command == "show":
         return trace_view.show_trace(args.file, args.trace_id, args.png)
     return trace_view.list_traces(args.file)
@@ -412,6 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="print_traces",
         action="store_true",
         help="print each trace's waterfall when it completes",
+    )
+    t.add_argument(
+        "--max-spans",
+        type=int,
+        default=200_000,
+        help="spans kept in memory; over it the least recently updated traces go (default: 200000)",
+    )
+    t.add_argument(
+        "--max-mb",
+        type=float,
+        default=256,
+        help="MiB of spans kept in memory (an estimate), same policy (default: 256)",
     )
     t = trace_sub.add_parser("show", help="print one trace as an indented waterfall (and a PNG timeline)")
     t.add_argument(

@@ -15,6 +15,7 @@ what it is given and raises `InvalidArgument` naming the field and what was expe
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -123,11 +124,15 @@ def decode_tensor(
     if msg.dtype not in allowed:
         names = ", ".join(_code_name(d) for d in allowed)
         raise InvalidArgument(f"{field}.dtype", f"expected one of {names}, got {_code_name(msg.dtype)}")
-    shape = list(msg.shape)
-    if rank is not None and len(shape) != rank:
-        raise InvalidArgument(
-            f"{field}.shape", f"expected {rank} dimensions, got {len(shape)} ({_shape_text(shape)})"
+    if rank is not None and len(msg.shape) != rank:  # before copying a shape that may be huge
+        got = list(msg.shape[:4]) + list(msg.shape[-2:]) if len(msg.shape) > 8 else list(msg.shape)
+        text = (
+            _shape_text(got)
+            if len(msg.shape) <= 8
+            else f"{got[:4]}...{got[4:]} ({len(msg.shape)} dimensions)"
         )
+        raise InvalidArgument(f"{field}.shape", f"expected {rank} dimensions, got {len(msg.shape)} ({text})")
+    shape = list(msg.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{field}.shape", f"dimensions must be >= 0, got {_shape_text(shape)}")
     info = dtype_info(msg.dtype)
@@ -149,6 +154,25 @@ def decode_tensor(
     if _BIG_ENDIAN:  # pragma: no cover
         flat = flat.view(torch.uint8).view(-1, info.itemsize).flip(1).contiguous().view(info.torch).flatten()
     return flat.view(shape)
+
+
+# No tensor of the protocol has more dimensions; a longer shape is never worth multiplying out here.
+_MAX_CLAIMED_RANK = 8
+
+
+def claimed_rows(msg: pb.Tensor) -> int:
+    """The first dimension of a tensor message, read without decoding it (admission counts it
+    before any torch work). 0 when the shape has no dimension or does not describe the data: such
+    a message is refused by `decode_tensor` as INVALID_ARGUMENT, not counted against a capacity
+    (nor told to split itself)."""
+    shape = msg.shape
+    if not 1 <= len(shape) <= _MAX_CLAIMED_RANK or min(shape) < 0:
+        return 0
+    try:
+        itemsize = dtype_info(msg.dtype).itemsize
+    except ValueError:
+        return 0
+    return int(shape[0]) if math.prod(shape) * itemsize == len(msg.data) else 0
 
 
 # -- routing -----------------------------------------------------------------------------------------

@@ -239,8 +239,7 @@ class ExpertServicer(pb_grpc.ExpertServicer):
                 f"{what}: a request of {len(request.segments)} segments exceeds the limit of "
                 f"{limits.max_segments} segments per request; split it"
             )
-        shape = request.rows.shape
-        rows = int(shape[0]) if len(shape) else 0
+        rows = wire.claimed_rows(request.rows)  # 0 for a shape that does not fit the data
         if rows > limits.max_request_rows:
             raise Overloaded(
                 f"{what}: a request of {rows} rows exceeds the limit of {limits.max_request_rows} "

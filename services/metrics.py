@@ -2,7 +2,8 @@
 
 The entry point builds one `Metrics` per process and hands it to the servers it starts (through
 `moemesh.services.telemetry.Telemetry`); tests build their own, so nothing is shared between
-them. `serve(host, port)` exposes `/metrics` over HTTP (port 0 binds any free port).
+them. `serve(host, port)` exposes `/metrics` over HTTP (port 0 binds any free port; limits on
+connections and idle clients in `metrics_http`).
 
 | metric | type | labels | what |
 | --- | --- | --- | --- |
@@ -27,12 +28,13 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from .metrics_http import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, MetricsServer, serve_registry
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +46,6 @@ QUEUE_SECONDS_BUCKETS = (
 )  # fmt: skip
 ROWS_BUCKETS = tuple(float(2**i) for i in range(17))  # 1 .. 65536 rows
 DEFAULT_BALANCE_WINDOW = 32
-
-
-@dataclass
-class MetricsServer:
-    """The HTTP server behind `/metrics`; `close()` stops it."""
-
-    host: str
-    port: int
-    _httpd: object
-    _thread: threading.Thread
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
 
 
 class Metrics:
@@ -179,10 +162,17 @@ class Metrics:
 
     # -- exposition ---------------------------------------------------------------------------------
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:
-        """Serve `/metrics` on a daemon thread; port 0 binds any free port (read `.port` back)."""
-        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
-        return MetricsServer(host, httpd.server_port, httpd, thread)
+    def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> MetricsServer:
+        """Serve `/metrics` on a daemon thread; port 0 binds any free port (read `.port` back).
+        A client has `idle_timeout_s` to send its request; `max_connections` are served at once
+        and more get 503 (see `metrics_http.serve_registry`)."""
+        return serve_registry(self.registry, host, port, idle_timeout_s, max_connections)
 
     def exposed_names(self) -> frozenset[str]:
         """Every sample name these metrics can expose (`_total`, `_bucket`, `_sum`, `_count` included),

@@ -3,9 +3,10 @@
     admit ─▶ decode ─▶ validate ─▶ gate ─▶ plan ─▶ dispatch ─▶ combine ─▶ encode
     (Dispatch: the caller's routing, validated, instead of the gate; no shared experts)
 
-admit: the call's tokens are read from the message's shape, before any decoding or torch work;
-beyond `RouterLimits` (tokens and calls in flight) it gets `Overloaded` (RESOURCE_EXHAUSTED) at
-once. What the router holds (gates, shared experts, the routing table) is built in `launch.py`.
+admit: the call's tokens are read from the message's shape (`wire.claimed_rows`: only a shape that
+fits the data counts), before any decoding or torch work; beyond `RouterLimits` (tokens and calls
+in flight) it gets `Overloaded` (RESOURCE_EXHAUSTED) at once. What the router holds (gates,
+shared experts, the routing table) is built in `launch.py`.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ class RouterServicer(pb_grpc.RouterServicer):
         )
 
     def _admit(self, request: pb.ForwardRequest | pb.DispatchRequest | pb.RouteRequest) -> Ticket:
-        """Room for the call's tokens (the first dimension of `hidden`, nothing decoded yet)."""
-        shape = request.hidden.shape
-        return self.in_flight.admit(int(shape[0]) if len(shape) else 0)
+        """Room for the call's tokens (the first dimension of `hidden`, nothing decoded yet; a shape
+        that does not fit the data counts none, and decoding refuses it next)."""
+        return self.in_flight.admit(wire.claimed_rows(request.hidden))
 
     # -- validation: every message names the field and what was expected --------------------------
 

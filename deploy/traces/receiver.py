@@ -3,8 +3,9 @@ software (no collector, no Jaeger).
 
 This module owns:
 
-- `spans_from_request`: an OTLP `ExportTraceServiceRequest` as `SpanRecord`s;
-- `TraceReceiver`: the `opentelemetry.proto...TraceService` servicer (`Export`);
+- `iter_spans` / `spans_from_request`: an OTLP `ExportTraceServiceRequest` as `SpanRecord`s;
+- `TraceReceiver`: the `opentelemetry.proto...TraceService` servicer (`Export`), which keeps
+  spans in a bounded `TraceStore` (`records.StoreLimits`);
 - `start_receiver` (asyncio; a server from the one bootstrap, `moemesh.services.bootstrap`) and
   `ReceiverThread` (a receiver on its own thread, for synchronous callers such as tests that use
   the blocking OTLP exporter).
@@ -20,8 +21,10 @@ Records, the store and the `.jsonl` format live in `records`; rendering in `view
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +43,16 @@ except ImportError:  # the `otel` extra is absent: records and .jsonl files stil
 
 log = logging.getLogger(__name__)
 
-# OTLP exporters batch up to 512 spans by default; a span with many attributes is a few KiB, so
-# this leaves room for large batches without accepting unbounded requests.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# OTLP exporters batch up to 512 spans by default, a few hundred bytes each for the mesh's spans;
+# 4 MiB is also the OpenTelemetry Collector's default. Decoded, a request can take ~85 times its
+# size (a 2-byte empty span is a ~170-byte message object), so the limit is kept low on purpose.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Exports in flight at once (health checks included; the rest get RESOURCE_EXHAUSTED, which OTLP
+# exporters retry): bounds the request bytes held while they wait for the event loop.
+DEFAULT_MAX_CONCURRENT_EXPORTS = 64
+# Spans are converted, written and stored this many at a time, so that a request holding far more
+# spans than the store keeps is never all converted at once.
+CHUNK_SPANS = 1024
 TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 
 
@@ -76,50 +86,52 @@ def _enum_name(enum, value: int, prefix: str) -> str:
 
 def spans_from_request(request) -> list[SpanRecord]:
     """All spans of an `ExportTraceServiceRequest`, each with its resource's attributes."""
-    out: list[SpanRecord] = []
+    return list(iter_spans(request))
+
+
+def iter_spans(request) -> Iterator[SpanRecord]:
+    """The spans of an `ExportTraceServiceRequest` one at a time, in the request's order (spans
+    of one resource share one attributes dict)."""
     for resource_spans in request.resource_spans:
         resource = _attrs(resource_spans.resource.attributes)
         for scope_spans in resource_spans.scope_spans:
             scope = scope_spans.scope.name
             for s in scope_spans.spans:
-                out.append(
-                    SpanRecord(
-                        trace_id=s.trace_id.hex(),
-                        span_id=s.span_id.hex(),
-                        parent_span_id=s.parent_span_id.hex() or None,
-                        name=s.name,
-                        kind=_enum_name(trace_pb2.Span.SpanKind, s.kind, "SPAN_KIND_"),
-                        start_ns=s.start_time_unix_nano,
-                        end_ns=s.end_time_unix_nano,
-                        attributes=_attrs(s.attributes),
-                        resource=resource,
-                        status_code=_enum_name(trace_pb2.Status.StatusCode, s.status.code, "STATUS_CODE_"),
-                        status_message=s.status.message,
-                        events=tuple(
-                            SpanEvent(e.name, e.time_unix_nano, _attrs(e.attributes)) for e in s.events
-                        ),
-                        scope=scope,
-                    )
+                yield SpanRecord(
+                    trace_id=s.trace_id.hex(),
+                    span_id=s.span_id.hex(),
+                    parent_span_id=s.parent_span_id.hex() or None,
+                    name=s.name,
+                    kind=_enum_name(trace_pb2.Span.SpanKind, s.kind, "SPAN_KIND_"),
+                    start_ns=s.start_time_unix_nano,
+                    end_ns=s.end_time_unix_nano,
+                    attributes=_attrs(s.attributes),
+                    resource=resource,
+                    status_code=_enum_name(trace_pb2.Status.StatusCode, s.status.code, "STATUS_CODE_"),
+                    status_message=s.status.message,
+                    events=tuple(SpanEvent(e.name, e.time_unix_nano, _attrs(e.attributes)) for e in s.events),
+                    scope=scope,
                 )
-    return out
 
 
 # --- the servicer and the server ---------------------------------------------------------------
 
 
 class TraceReceiver(_ServicerBase):
-    """OTLP TraceService: stores every exported span and optionally appends it to a .jsonl file."""
+    """OTLP TraceService: keeps exported spans in a bounded store and optionally appends every
+    one to a .jsonl file (the file is not bounded: it is the user's record)."""
 
     def __init__(self, store: TraceStore, jsonl_path: str | Path | None = None) -> None:
         self.store = store
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
 
     async def Export(self, request, context):
-        spans = spans_from_request(request)
-        # The file first: whoever is woken by the store may read the file straight away.
-        if self.jsonl_path is not None and spans:
-            dump_jsonl(spans, self.jsonl_path)
-        self.store.add(spans)
+        spans = iter_spans(request)
+        while chunk := list(itertools.islice(spans, CHUNK_SPANS)):
+            # The file first: whoever is woken by the store may read the file straight away.
+            if self.jsonl_path is not None:
+                dump_jsonl(chunk, self.jsonl_path)
+            self.store.add(chunk)
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -137,11 +149,14 @@ async def start_receiver(
     store: TraceStore | None = None,
     jsonl_path: str | Path | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_concurrent_exports: int = DEFAULT_MAX_CONCURRENT_EXPORTS,
 ) -> tuple[RunningServer, int, TraceStore]:
     """Start an OTLP/gRPC trace receiver on the running event loop.
 
     port 0 binds any free port; the bound port is returned. Spans are appended to `jsonl_path`
-    (when given; an existing file is extended, not truncated) and kept in `store`.
+    (when given; an existing file is extended, not truncated) and kept in `store` (default: a
+    store with the default `StoreLimits`). A request over `max_message_bytes` (default 4 MiB)
+    gets RESOURCE_EXHAUSTED, as do calls beyond `max_concurrent_exports` in flight.
     A server like every moemesh server (health, reflection, limits, graceful stop); its own
     Export calls are not traced. Stop with `await server.stop(grace)`.
     """
@@ -152,7 +167,12 @@ async def start_receiver(
         TRACE_SERVICE,
         lambda server: trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server),
     )
-    config = ServerConfig(host=host, port=port, max_message_bytes=max_message_bytes)
+    config = ServerConfig(
+        host=host,
+        port=port,
+        max_message_bytes=max_message_bytes,
+        max_concurrent_rpcs=max_concurrent_exports,
+    )
     try:
         server = await start_server(config, [service])
     except OSError as err:

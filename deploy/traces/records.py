@@ -4,7 +4,9 @@ This module owns:
 
 - `SpanRecord` / `SpanEvent`: a received span as a plain frozen dataclass (ids in hex, OTLP
   `AnyValue`s flattened to Python values), the only span type the trace tooling passes around;
-- `TraceStore`: spans in memory, grouped by trace id, thread-safe, with `wait_for` for tests;
+- `TraceStore`: spans in memory, grouped by trace id, thread-safe, with `wait_for` for tests,
+  bounded by `StoreLimits` (a span count and an estimate of their bytes; least recently
+  updated traces are dropped first, and counted);
 - the `.jsonl` format (one span per line) that `moemesh trace serve --out` writes and
   `load_jsonl` reads back.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -150,30 +153,158 @@ class TraceSummary:
 
 # --- the store ---------------------------------------------------------------------------------
 
+MIB = 1024 * 1024
+DEFAULT_MAX_SPANS = 200_000
+DEFAULT_MAX_MB = 256
+
+# What a span costs in memory beyond its strings and attribute values: the record, its field
+# dict, the two times and its entry in its trace's dict; a trace adds its own dict and index
+# entries. Measured with tracemalloc (tests/unit/test_trace_store.py checks the sum errs high).
+SPAN_BYTES = 240
+TRACE_BYTES = 320
+
+
+def value_bytes(value: Any) -> int:
+    """About what a flattened attribute value (or a str) holds in memory, a little high."""
+    if isinstance(value, str):
+        return 49 + len(value) if value.isascii() else 80 + 4 * len(value)
+    if isinstance(value, dict):
+        if not value:
+            return 64
+        return 232 + sum(40 + value_bytes(k) + value_bytes(v) for k, v in value.items())
+    if isinstance(value, tuple | list):
+        return 56 + sum(8 + value_bytes(v) for v in value)
+    return 32  # int, float; bool and None are shared objects and cost nothing more
+
+
+def span_bytes(span: SpanRecord) -> int:
+    """An estimate of the memory one record holds (a resource dict shared by spans counts in
+    full for each: the estimate errs high)."""
+    size = SPAN_BYTES + value_bytes(span.attributes) + value_bytes(span.resource)
+    for text in (span.trace_id, span.span_id, span.parent_span_id or "", span.name, span.kind):
+        size += value_bytes(text)
+    for text in (span.status_code, span.status_message, span.scope):
+        size += value_bytes(text)
+    for event in span.events:
+        size += 96 + value_bytes(event.name) + value_bytes(event.attributes)
+    return size
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """How much a `TraceStore` keeps: at most `max_spans` spans and about `max_bytes` bytes of
+    them (`span_bytes`, an estimate that errs high). Defaults: 200,000 spans, 256 MiB."""
+
+    max_spans: int = DEFAULT_MAX_SPANS
+    max_bytes: int = DEFAULT_MAX_MB * MIB
+
+    def __post_init__(self) -> None:
+        if self.max_spans < 1:
+            raise ValueError(f"the span store needs room for at least 1 span, not {self.max_spans}")
+        if self.max_bytes < 1:
+            raise ValueError(f"the span store needs at least 1 byte, not {self.max_bytes}")
+
+    @classmethod
+    def from_mb(cls, max_spans: int = DEFAULT_MAX_SPANS, max_mb: float = DEFAULT_MAX_MB) -> StoreLimits:
+        """From the CLI's units (`--max-spans`, `--max-mb`); ValueError naming the flag."""
+        if max_spans < 1:
+            raise ValueError(f"--max-spans must be at least 1, not {max_spans}")
+        if not math.isfinite(max_mb) or max_mb <= 0:
+            raise ValueError(f"--max-mb must be a positive number of MiB, not {max_mb}")
+        return cls(max_spans=max_spans, max_bytes=max(1, round(max_mb * MIB)))
+
+    def __str__(self) -> str:
+        return f"{self.max_spans} spans, {self.max_bytes / MIB:.4g} MiB"
+
 
 class TraceStore:
     """Received spans in memory, by trace id. Thread-safe: the receiver adds from its event loop
     while tests and the CLI read or wait from other threads.
 
-    A span received twice (an exporter retry after a lost reply) is kept once.
+    A span received twice (an exporter retry after a lost reply) is kept once. Over either of
+    `limits`, whole traces are dropped, least recently updated first, so that the traces kept are
+    complete; a trace that alone is over a bound loses its earliest received spans. What was
+    dropped is counted in `dropped_spans` / `dropped_traces` (and `usage()` says it).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: StoreLimits | None = None) -> None:
+        self.limits = limits if limits is not None else StoreLimits()
         self._cond = threading.Condition()
+        # Ordered by the latest arrival: the first trace is the one to drop next.
         self._traces: dict[str, dict[str, SpanRecord]] = {}
         self._last_received: dict[str, float] = {}
+        self._count = 0
+        self._bytes = 0
+        self.dropped_spans = 0
+        self.dropped_traces = 0
 
     def add(self, spans: Iterable[SpanRecord]) -> None:
         now = time.monotonic()
         with self._cond:
+            tid, trace = None, None
             for s in spans:
-                self._traces.setdefault(s.trace_id, {})[s.span_id] = s
-                self._last_received[s.trace_id] = now
+                if s.trace_id != tid:
+                    tid = s.trace_id
+                    # Moved to the end: the most recently updated trace is dropped last.
+                    trace = self._traces.pop(tid, None)
+                    if trace is None:
+                        trace = {}
+                        self._bytes += TRACE_BYTES
+                    self._traces[tid] = trace
+                    self._last_received[tid] = now
+                old = trace.get(s.span_id)
+                if old is None:
+                    self._count += 1
+                else:
+                    self._bytes -= span_bytes(old)
+                trace[s.span_id] = s
+                self._bytes += span_bytes(s)
+                if self._count > self.limits.max_spans or self._bytes > self.limits.max_bytes:
+                    self._evict()
+                    if tid not in self._traces:  # the newest span alone was over the byte bound
+                        tid = None
             self._cond.notify_all()
 
-    def __len__(self) -> int:
+    def _evict(self) -> None:
+        """Drop the least recently updated traces until both bounds hold (under the lock)."""
+        limits = self.limits
+        if not self.dropped_spans:
+            log.warning("span store full (%s): dropping the least recently updated traces", limits)
+        while self._traces and (self._count > limits.max_spans or self._bytes > limits.max_bytes):
+            tid = next(iter(self._traces))
+            trace = self._traces[tid]
+            # The one trace left is over a bound by itself: its earliest received spans go.
+            gone = list(trace.values()) if len(self._traces) > 1 else [trace[next(iter(trace))]]
+            for s in gone:
+                del trace[s.span_id]
+                self._bytes -= span_bytes(s)
+            self._count -= len(gone)
+            self.dropped_spans += len(gone)
+            if not trace:
+                del self._traces[tid], self._last_received[tid]
+                self._bytes -= TRACE_BYTES
+                self.dropped_traces += 1
+
+    @property
+    def size_bytes(self) -> int:
+        """The estimated memory of the spans held (`span_bytes` each, plus each trace's own)."""
+        return self._bytes
+
+    def usage(self) -> str:
+        """One line: what is held, and what was dropped to stay within the limits."""
         with self._cond:
-            return sum(len(t) for t in self._traces.values())
+            traces, count, size = len(self._traces), self._count, self._bytes
+            dropped, dropped_traces = self.dropped_spans, self.dropped_traces
+        line = f"{traces} traces, {count} spans (~{size / MIB:.1f} MiB)"
+        if dropped:
+            line += (
+                f"; dropped {dropped} spans ({dropped_traces} whole traces), least recently updated "
+                f"first, to stay within {self.limits}"
+            )
+        return line
+
+    def __len__(self) -> int:
+        return self._count
 
     def spans(self, trace_id: str) -> list[SpanRecord]:
         """The spans of one trace sorted by start time; [] for an unknown trace."""
@@ -191,6 +322,17 @@ class TraceStore:
         with self._cond:
             traces = {tid: list(t.values()) for tid, t in self._traces.items()}
         return sorted((_summarize(tid, spans) for tid, spans in traces.items()), key=lambda t: t.start_ns)
+
+    def span_counts(self) -> dict[str, int]:
+        """trace id → spans held: what changed, without summarising every trace."""
+        with self._cond:
+            return {tid: len(t) for tid, t in self._traces.items()}
+
+    def summary(self, trace_id: str) -> TraceSummary | None:
+        """One trace's summary; None for a trace not held (never received, or dropped)."""
+        with self._cond:
+            spans = list(self._traces.get(trace_id, {}).values())
+        return _summarize(trace_id, spans) if spans else None
 
     def last_received(self) -> dict[str, float]:
         """trace id → `time.monotonic()` when its latest span arrived (spans loaded from a file
@@ -268,24 +410,31 @@ def dump_jsonl(spans: Iterable[SpanRecord], path: str | Path) -> None:
 
 
 def load_jsonl(path: str | Path, store: TraceStore | None = None) -> TraceStore:
-    """Read a .jsonl file written by the receiver into a (new) TraceStore.
+    """Read a .jsonl file written by the receiver into a (new) TraceStore, line by line: a file
+    larger than the store's limits keeps its most recently written traces (see `usage()`).
 
     A malformed last line is skipped: it is what a receiver killed mid-write leaves behind.
     A malformed line elsewhere raises ValueError naming the line.
     """
     store = store if store is not None else TraceStore()
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    spans = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            spans.append(SpanRecord.from_json(line))
-        except (ValueError, KeyError, TypeError) as err:
-            if i == last:
-                log.warning("%s:%d: skipping a truncated last line", path, i + 1)
+    bad: tuple[int, Exception] | None = None  # a malformed line, an error unless it is the last
+    batch: list[SpanRecord] = []
+    with open(path, encoding="utf-8") as lines:
+        for i, line in enumerate(lines, start=1):
+            if not line.strip():
                 continue
-            raise ValueError(f"{path}:{i + 1}: not a span record: {err}") from err
-    store.add(spans)
+            if bad is not None:
+                raise ValueError(f"{path}:{bad[0]}: not a span record: {bad[1]}") from bad[1]
+            try:
+                batch.append(SpanRecord.from_json(line))
+            except (ValueError, KeyError, TypeError) as err:
+                bad = (i, err)
+            if len(batch) >= 1024:
+                store.add(batch)
+                batch = []
+    store.add(batch)
+    if bad is not None:
+        log.warning("%s:%d: skipping a truncated last line", path, bad[0])
+    if store.dropped_spans:
+        log.warning("%s is larger than the span store: %s", path, store.usage())
     return store

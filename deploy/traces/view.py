@@ -32,7 +32,7 @@ from typing import Any
 from moemesh.services.telemetry import HOST_ATTRIBUTE
 
 from .receiver import start_receiver
-from .records import SpanRecord, TraceStore, TraceSummary, load_jsonl
+from .records import SpanRecord, StoreLimits, TraceStore, TraceSummary, load_jsonl
 
 BAR_FILL = "█"
 # Shown in the waterfall's attribute column, in this order; the rest stays in the .jsonl.
@@ -384,23 +384,26 @@ def traces_to_report(
     return sorted(due, key=lambda tid: last_received[tid])
 
 
-def _report(store: TraceStore, due: Sequence[str], reported: dict[str, int], print_traces: bool) -> None:
-    summaries = {s.trace_id: s for s in store.traces()}
-    for tid in due:
-        summary = summaries[tid]
+def _report(store: TraceStore, reported: dict[str, int], print_traces: bool, quiet_before: float) -> None:
+    counts = store.span_counts()  # every trace; only those to report are summarised
+    for tid in reported.keys() - counts.keys():  # dropped from the bounded store
+        del reported[tid]
+    for tid in traces_to_report(store.last_received(), counts, reported, quiet_before, 0.0):
         again = " (updated)" if tid in reported else ""
-        print(summary_line(summary) + again, flush=not print_traces)
-        reported[tid] = summary.span_count
+        print(summary_line(store.summary(tid)) + again, flush=not print_traces)
+        reported[tid] = counts[tid]
         if print_traces:
             print(waterfall(store.spans(tid)) + "\n", flush=True)
 
 
-async def _serve(host: str, port: int, jsonl_path: str | None, print_traces: bool, idle_s: float) -> int:
-    server, bound, store = await start_receiver(host, port, jsonl_path=jsonl_path)
+async def _serve(
+    host: str, port: int, jsonl_path: str | None, print_traces: bool, idle_s: float, limits: StoreLimits
+) -> int:
+    server, bound, store = await start_receiver(host, port, TraceStore(limits), jsonl_path)
     shown_host = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     print(
         f"OTLP/gRPC trace receiver on {host}:{bound}; export to it with "
-        f"OTEL_EXPORTER_OTLP_ENDPOINT=http://{shown_host}:{bound}",
+        f"OTEL_EXPORTER_OTLP_ENDPOINT=http://{shown_host}:{bound}; keeping at most {limits} in memory",
         flush=True,
     )
     if jsonl_path:
@@ -416,16 +419,11 @@ async def _serve(host: str, port: int, jsonl_path: str | None, print_traces: boo
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=min(0.25, idle_s))
-            counts = {t.trace_id: t.span_count for t in store.traces()}
-            due = traces_to_report(store.last_received(), counts, reported, time.monotonic(), idle_s)
-            _report(store, due, reported, print_traces)
+            _report(store, reported, print_traces, time.monotonic() - idle_s)
     finally:
-        # Traces still in flight at Ctrl-C are reported as they are, rather than lost.
-        counts = {t.trace_id: t.span_count for t in store.traces()}
-        due = traces_to_report(store.last_received(), counts, reported, float("inf"), 0.0)
-        _report(store, due, reported, print_traces)
+        _report(store, reported, print_traces, float("inf"))  # traces in flight at Ctrl-C: as they are
         await server.stop(1.0)
-    print(f"stopped: {len(store.traces())} traces, {len(store)} spans", flush=True)
+    print(f"stopped: {store.usage()}", flush=True)
     return 0
 
 
@@ -435,15 +433,16 @@ def serve_receiver(
     jsonl_path: str | None = None,
     print_traces: bool = False,
     idle_s: float = 1.0,
+    limits: StoreLimits | None = None,
 ) -> int:
     """`moemesh trace serve`: receive OTLP/gRPC traces in the foreground until SIGINT/SIGTERM.
 
-    When a trace goes quiet (no new span for `idle_s` seconds) one summary line is printed, and
-    its waterfall too with `print_traces`. Spans are appended to `jsonl_path` when given.
-    Returns the process exit status.
+    A trace quiet for `idle_s` seconds gets a summary line (and its waterfall with `print_traces`).
+    Spans are appended to `jsonl_path` when given, and kept in memory up to `limits` (default
+    `StoreLimits()`, the least recently updated traces dropped). Returns the exit status.
     """
     try:
-        return asyncio.run(_serve(host, port, jsonl_path, print_traces, idle_s))
+        return asyncio.run(_serve(host, port, jsonl_path, print_traces, idle_s, limits or StoreLimits()))
     except OSError as err:
         print(f"moemesh trace serve: {err}", file=sys.stderr)
         return 1

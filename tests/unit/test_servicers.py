@@ -357,3 +357,18 @@ def test_bad_compute_requests_raise_domain_errors(mesh, segments, rows, error, f
     assert getattr(info.value, "field", None) == field
     assert status_of(info.value)[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert h0.rows_served == served  # nothing computed
+
+
+def test_a_shape_its_data_cannot_fill_is_invalid_not_over_capacity(mesh):
+    # Admission reads the shape before decoding; a fuzzed shape claimed 9,000 tokens (over the
+    # router's 8,192 in flight) with 1 KiB of data and was told to split itself (RESOURCE_EXHAUSTED).
+    claim = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[9000, HIDDEN], data=b"\0" * 1024)
+    with pytest.raises(wire.InvalidArgument) as info:
+        asyncio.run(mesh.router.Forward(pb.ForwardRequest(layer=0, hidden=claim), Context()))
+    assert info.value.field == "hidden.data"
+    assert mesh.router.in_flight.rows == 0
+    rows = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[10**6, HIDDEN], data=b"\0" * 1024)
+    request = pb.ComputeRequest(segments=wire.encode_segments([Segment(0, 1, 0, 1)]), rows=rows)
+    with pytest.raises(wire.InvalidArgument) as info:
+        asyncio.run(mesh.experts["h0"].Compute(request, Context()))
+    assert info.value.field == "rows.data"

@@ -134,6 +134,23 @@ def test_decode_tensor_rejections_name_the_field(msg, kwargs, field, message):
     assert info.value.field == field and str(info.value).startswith(f"{field}: ")
 
 
+@pytest.mark.parametrize(
+    "msg, rows",
+    [
+        (_tensor(shape=(3, 4)), 3),
+        (_tensor(pb.DTYPE_BFLOAT16, shape=(5, 2)), 5),
+        (_tensor(shape=(0, 4), nbytes=0), 0),
+        (_tensor(shape=(), nbytes=4), 0),  # a scalar has no rows
+        (_tensor(shape=(9000, 64), nbytes=1024), 0),  # a shape its data cannot fill: not a claim
+        (_tensor(shape=(2, -1), nbytes=0), 0),
+        (_tensor(99, shape=(3, 4), nbytes=48), 0),
+        (_tensor(shape=(1,) * 9, nbytes=4), 0),  # longer than any tensor of the protocol
+    ],
+)
+def test_claimed_rows_counts_only_a_shape_that_fits_its_data(msg, rows):
+    assert wire.claimed_rows(msg) == rows
+
+
 # -- routing and policy ------------------------------------------------------------------------------
 
 
