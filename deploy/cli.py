@@ -204,18 +204,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     configure_tracing("moemesh-demo")
-    return run_demo(
-        DemoConfig(
-            model=args.model,
-            num_hosts=args.hosts,
-            tokens=args.tokens,
-            batches=args.batches,
-            dtype=args.dtype,
-            device=args.device,
-            seed=args.seed,
-            env=otel_env(),
-        )
-    )
+    fields = ("model", "hosts", "tokens", "batches", "dtype", "device", "seed")
+    return run_demo(DemoConfig(*(getattr(args, f) for f in fields), env=otel_env()))  # DemoConfig's order
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -64,3 +64,37 @@ class HeldRounds:
     def sizes(self) -> list[list[int]]:
         """Rows of each call, round by round."""
         return [[int(rows.shape[0]) for rows in round_] for round_ in self.rounds]
+
+
+class ReadSpy:
+    """Wraps safetensors.safe_open and records every tensor read (whole or sliced)."""
+
+    def __init__(self, real):
+        self.real = real
+        self.reads: list[str] = []
+
+    def __call__(self, *args, **kwargs):
+        spy = self
+
+        class Handle:
+            def __init__(self, handle):
+                self.handle = handle
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def keys(self):
+                return self.handle.keys()
+
+            def get_tensor(self, name):
+                spy.reads.append(name)
+                return self.handle.get_tensor(name)
+
+            def get_slice(self, name):
+                spy.reads.append(name)
+                return self.handle.get_slice(name)
+
+        return Handle(self.real(*args, **kwargs))

@@ -22,6 +22,7 @@ from moemesh.experts.weights import (
 )
 from moemesh.protos.spec import Segment, UnsupportedModel
 from tests import hf_configs
+from tests.fakes import ReadSpy
 
 transformers = pytest.importorskip("transformers")
 
@@ -154,43 +155,9 @@ def test_bank_from_checkpoint_matches_transformers_experts(saved):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
-class _Spy:
-    """Wraps safetensors.safe_open and records every tensor read (whole or sliced)."""
-
-    def __init__(self, real):
-        self.real = real
-        self.reads: list[str] = []
-
-    def __call__(self, *args, **kwargs):
-        spy = self
-
-        class Handle:
-            def __init__(self, handle):
-                self.handle = handle
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-            def keys(self):
-                return self.handle.keys()
-
-            def get_tensor(self, name):
-                spy.reads.append(name)
-                return self.handle.get_tensor(name)
-
-            def get_slice(self, name):
-                spy.reads.append(name)
-                return self.handle.get_slice(name)
-
-        return Handle(self.real(*args, **kwargs))
-
-
 def test_reading_one_expert_reads_only_its_tensors(saved, monkeypatch):
     _, directory = saved["qwen2_moe"]
-    spy = _Spy(weights_module.safe_open)
+    spy = ReadSpy(weights_module.safe_open)
     monkeypatch.setattr(weights_module, "safe_open", spy)
     source = open_source(directory)
     source.expert(1, 2)
@@ -269,7 +236,7 @@ def test_fused_layout_reads_one_expert_slice(tmp_path, monkeypatch, family, bloc
         },
         tmp_path / "model.safetensors",
     )
-    spy = _Spy(weights_module.safe_open)
+    spy = ReadSpy(weights_module.safe_open)
     monkeypatch.setattr(weights_module, "safe_open", spy)
     source = open_source(tmp_path)
     w = source.expert(0, 1)

@@ -21,6 +21,7 @@ from moemesh.experts.ffn import ExpertBank
 from moemesh.experts.weights import CheckpointSource
 from moemesh.protos.spec import Segment
 from tests import hf_configs
+from tests.fakes import ReadSpy
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,35 +129,12 @@ def test_experts_equal_the_dequantized_reference_and_near_the_original(checkpoin
 
 def test_reading_one_fp8_expert_reads_its_tensors_and_their_scales(checkpoints, monkeypatch):
     _, fp8_dir, _, _ = checkpoints
-    reads: list[str] = []
-    real = weights_module.safe_open
-
-    class Handle:
-        def __init__(self, handle):
-            self.handle = handle
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def keys(self):
-            return self.handle.keys()
-
-        def get_tensor(self, name):
-            reads.append(name)
-            return self.handle.get_tensor(name)
-
-        def get_slice(self, name):
-            reads.append(name)
-            return self.handle.get_slice(name)
-
-    monkeypatch.setattr(weights_module, "safe_open", lambda *a, **k: Handle(real(*a, **k)))
+    spy = ReadSpy(weights_module.safe_open)
+    monkeypatch.setattr(weights_module, "safe_open", spy)
     source = CheckpointSource(fp8_dir)
     source.expert(1, 5)
     names = [f"model.layers.1.mlp.experts.5.{p}_proj.weight" for p in ("down", "gate", "up")]
-    assert sorted(reads) == sorted(names + [fp8.scale_name(n) for n in names])
+    assert sorted(spy.reads) == sorted(names + [fp8.scale_name(n) for n in names])
 
 
 def test_bank_from_fp8_checkpoint_equals_bank_from_dequantized_weights(checkpoints):

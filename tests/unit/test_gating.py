@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
+from moemesh.protos import spec
 from moemesh.protos.spec import (
     GateConfig,
     GroupScore,
     InvalidRouting,
-    Routing,
     RoutingMode,
     RoutingPolicy,
     ScoreFunction,
@@ -44,11 +44,11 @@ def _by_expert(experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tens
     return experts, weights.gather(1, order)
 
 
-def _used(routing: Routing) -> torch.Tensor:
+def _used(routing: spec.Routing) -> torch.Tensor:
     return routing.experts >= 0  # [T, K] bool
 
 
-def _chosen(routing: Routing, num_experts: int) -> torch.Tensor:
+def _chosen(routing: spec.Routing, num_experts: int) -> torch.Tensor:
     """[T, E] bool, True where the token uses the expert (unused slots go to a spare column)."""
     idx = routing.experts.masked_fill(~_used(routing), num_experts)  # [T, K]
     mask = torch.zeros(idx.shape[0], num_experts + 1, dtype=torch.bool)
