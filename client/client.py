@@ -22,7 +22,7 @@ import torch
 from moemesh.protos import moemesh_pb2 as pb
 from moemesh.protos import moemesh_pb2_grpc as pb_grpc
 from moemesh.protos import wire
-from moemesh.protos.spec import Routing, RoutingPolicy, Topology
+from moemesh.protos.spec import Routing, RoutingPolicy, Topology, describe
 from moemesh.protos.wire import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 
 from .errors import ClientClosedError, from_rpc_error
@@ -56,7 +56,7 @@ def _attributes(hidden: torch.Tensor, layer: int, policy: RoutingPolicy | None) 
     return {
         "moemesh.layer": layer,
         "moemesh.tokens": int(hidden.shape[0]),
-        "moemesh.routing.policy": "default" if policy is None else policy.describe(),
+        "moemesh.routing.policy": describe(policy),
     }
 
 

@@ -246,6 +246,11 @@ class Routing:
     weights: torch.Tensor
 
 
+def describe(policy: RoutingPolicy | None) -> str:
+    """A policy as span attributes show it: "default" (the layer's own), or `RoutingPolicy.describe`."""
+    return "default" if policy is None else policy.describe()
+
+
 def is_real(value: object) -> bool:
     """A finite real number that is not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

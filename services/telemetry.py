@@ -50,12 +50,12 @@ from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Status, StatusCode
 
 from moemesh.client.tracing import address_attributes, client_spans, tracing_on
+from moemesh.protos.spec import describe
 
 if TYPE_CHECKING:
     import torch
 
     from moemesh.protos import moemesh_pb2 as pb
-    from moemesh.protos.spec import RoutingPolicy
     from moemesh.router.pipeline import ForwardFacts
 
     from .metrics import Metrics, MetricsServer
@@ -297,19 +297,13 @@ def _byte_size(message) -> int:
 # -- the router pipeline's stages --------------------------------------------------------------------
 
 
-def describe_policy(policy: RoutingPolicy | None) -> str:
-    """The policy as a span attribute: "default", or the mode and the fields that are set, e.g.
-    "top_p(top_p=0.9,max_k=4)" (the SDK's span says the same)."""
-    return "default" if policy is None else policy.describe()
-
-
 def stage_attributes(name: str, facts: ForwardFacts) -> dict[str, Any]:
     """The `moemesh.*` attributes of stage `name` from what the forward has decided so far."""
     attrs: dict[str, Any] = {"moemesh.layer": facts.layer}
     if name == "gate":
         attrs["moemesh.tokens"] = facts.tokens
         attrs["moemesh.batch.requests"] = facts.requests  # forwards merged into this one
-        attrs["moemesh.routing.policy"] = describe_policy(facts.policy)
+        attrs["moemesh.routing.policy"] = describe(facts.policy)
         if facts.routing is not None:
             attrs["moemesh.routing.slots"] = int(facts.routing.experts.shape[1])
             attrs["moemesh.routed_rows"] = int((facts.routing.experts >= 0).sum())
@@ -357,8 +351,8 @@ class PipelineTelemetry:
 class ComputeTiming:
     """When one Compute call was queued, started and finished on its host's executor.
 
-    Made on the event loop when the request is decoded; `run` wraps the work on the executor
-    (`ComputeTelemetry.run_round` for calls merged into one round).
+    Made on the event loop when the request is decoded; `ComputeTelemetry.run_round` stamps it
+    when the compute round it was merged into runs on the executor.
     Wall-clock times (for spans) are derived from one wall-clock reading plus monotonic offsets.
     """
 
@@ -369,13 +363,6 @@ class ComputeTiming:
         self._ended: int | None = None
         self.round_calls = 0  # calls merged into the compute round this one ran in
         self.round_rows = 0  # rows of that round
-
-    def run(self, fn: Callable, *args):
-        self._started = time.perf_counter_ns()
-        try:
-            return fn(*args)
-        finally:
-            self._ended = time.perf_counter_ns()
 
     def _wall(self, mono: int) -> int:
         return self.queued_ns + (mono - self._queued)

@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
+from moemesh.protos.spec import describe
 from moemesh.router.dispatch import RoutingTable
 from moemesh.router.gating import GateConfig, RoutingMode, RoutingPolicy
 from moemesh.router.pipeline import DISPATCH_RETRY, HostUnavailable, MoELayer, SparseMoE
@@ -133,9 +134,9 @@ def test_a_failing_stage_span_records_the_error(spans):
 
 
 def test_describe_policy():
-    assert telemetry.describe_policy(None) == "default"
+    assert describe(None) == "default"
     policy = RoutingPolicy(RoutingMode.TOP_P, top_p=0.9, max_k=4)
-    assert telemetry.describe_policy(policy) == "top_p(top_p=0.9,max_k=4)"
+    assert describe(policy) == "top_p(top_p=0.9,max_k=4)"
 
 
 def test_no_endpoint_means_no_tracer_provider(monkeypatch):
